@@ -1,0 +1,1 @@
+//! cronpipe producer library.

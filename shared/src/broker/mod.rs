@@ -1,0 +1,184 @@
+//! The broker abstraction. A closed set of adapters chosen by config at
+//! runtime; an enum over them is simpler than trait objects with async methods.
+//! `publish` returns only after the broker confirmed the message; a consumed
+//! [`Delivery`] carries its own `ack`, `retry` and `dead_letter`.
+
+pub mod rabbitmq;
+
+use std::time::Duration;
+
+use crate::config::{BrokerConfig, BrokerKind};
+use crate::deadletter::DeadLetter;
+use crate::envelope::Envelope;
+
+/// A broker failure.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker is unreachable, closed the channel, or did not confirm in time. Try again.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker refused the message (negative confirm). Try again; it may be a resource alarm.
+    #[error("broker refused the message: {0}")]
+    Refused(String),
+    /// The broker's setup conflicts with cronpipe's (for example a queue of another type). Fix the config.
+    #[error("broker setup conflict: {0}")]
+    Setup(String),
+}
+
+impl BrokerError {
+    /// Whether trying again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, BrokerError::Setup(_))
+    }
+}
+
+/// Result alias for broker operations.
+pub type BrokerResult<T> = Result<T, BrokerError>;
+
+/// A connected broker.
+#[derive(Clone)]
+pub enum Broker {
+    /// RabbitMQ.
+    Rabbit(rabbitmq::Rabbit),
+}
+
+impl Broker {
+    /// Connects and declares the topology (work queue, dead-letter queue).
+    pub async fn connect(config: &BrokerConfig, client_name: &str) -> BrokerResult<Broker> {
+        match config.kind {
+            BrokerKind::Rabbitmq => Ok(Broker::Rabbit(
+                rabbitmq::Rabbit::connect(&config.rabbitmq, client_name).await?,
+            )),
+            BrokerKind::Kafka => Err(BrokerError::Setup(
+                "broker.kind = \"kafka\" is not available in this build".into(),
+            )),
+        }
+    }
+
+    /// Publishes one task, returning once the broker confirmed it.
+    pub async fn publish(&self, env: &Envelope) -> BrokerResult<()> {
+        match self {
+            Broker::Rabbit(r) => r.publish(env).await,
+        }
+    }
+
+    /// Publishes many tasks with their confirms in flight together; one result per task, in order.
+    pub async fn publish_batch(&self, envs: &[Envelope]) -> Vec<BrokerResult<()>> {
+        match self {
+            Broker::Rabbit(r) => r.publish_batch(envs).await,
+        }
+    }
+
+    /// Publishes a task to be delivered to the work queue after `delay` (held by the broker).
+    pub async fn publish_delayed(&self, env: &Envelope, delay: Duration) -> BrokerResult<()> {
+        match self {
+            Broker::Rabbit(r) => r.publish_delayed(env, delay).await,
+        }
+    }
+
+    /// Publishes a dead letter, returning once the broker confirmed it.
+    pub async fn publish_dead_letter(&self, record: &DeadLetter) -> BrokerResult<()> {
+        match self {
+            Broker::Rabbit(r) => r.publish_dead_letter(record).await,
+        }
+    }
+
+    /// Starts consuming the work queue with at most `prefetch` unacked deliveries.
+    pub async fn consume(&self, prefetch: u16, tag: &str) -> BrokerResult<Consumer> {
+        match self {
+            Broker::Rabbit(r) => Ok(Consumer::Rabbit(r.consume(prefetch, tag).await?)),
+        }
+    }
+
+    /// Whether the connection is up.
+    pub fn is_connected(&self) -> bool {
+        match self {
+            Broker::Rabbit(r) => r.is_connected(),
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(&self) {
+        match self {
+            Broker::Rabbit(r) => r.close().await,
+        }
+    }
+}
+
+/// A stream of deliveries from the work queue.
+pub enum Consumer {
+    /// RabbitMQ consumer.
+    Rabbit(rabbitmq::RabbitConsumer),
+}
+
+impl Consumer {
+    /// The next delivery; `None` once the consumer is cancelled or the broker is gone for good.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        match self {
+            Consumer::Rabbit(c) => c.next().await.map(Delivery::Rabbit),
+        }
+    }
+
+    /// Stops new deliveries; unacked ones stay with this consumer until acked or the channel closes.
+    pub async fn cancel(&mut self) {
+        match self {
+            Consumer::Rabbit(c) => c.cancel().await,
+        }
+    }
+}
+
+/// One delivered message and the means to settle it.
+pub enum Delivery {
+    /// RabbitMQ delivery.
+    Rabbit(rabbitmq::RabbitDelivery),
+}
+
+impl Delivery {
+    /// The message body.
+    pub fn body(&self) -> &[u8] {
+        match self {
+            Delivery::Rabbit(d) => d.body(),
+        }
+    }
+
+    /// Whether the broker says this was delivered before.
+    pub fn redelivered(&self) -> bool {
+        match self {
+            Delivery::Rabbit(d) => d.redelivered(),
+        }
+    }
+
+    /// Acknowledges: the message is done with. An error means the channel died
+    /// and the broker will deliver the message again.
+    pub async fn ack(self) -> BrokerResult<()> {
+        match self {
+            Delivery::Rabbit(d) => d.ack().await,
+        }
+    }
+
+    /// Hands the message back to the broker for redelivery.
+    pub async fn requeue(self) -> BrokerResult<()> {
+        match self {
+            Delivery::Rabbit(d) => d.requeue().await,
+        }
+    }
+
+    /// Schedules `next` (the retry copy) after `delay`, then acks this delivery.
+    /// The ack happens only after the broker confirmed the copy.
+    pub async fn retry(
+        self,
+        broker: &Broker,
+        next: &Envelope,
+        delay: Duration,
+    ) -> BrokerResult<()> {
+        broker.publish_delayed(next, delay).await?;
+        self.ack().await
+    }
+
+    /// Publishes `record` to the dead-letter queue, then acks this delivery.
+    /// The ack happens only after the broker confirmed the record.
+    pub async fn dead_letter(self, broker: &Broker, record: &DeadLetter) -> BrokerResult<()> {
+        broker.publish_dead_letter(record).await?;
+        self.ack().await
+    }
+}

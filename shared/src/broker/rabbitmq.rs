@@ -1,0 +1,542 @@
+//! RabbitMQ adapter (lapin, auto-recovering connection).
+//!
+//! Topology for a work queue `Q` (all durable, all of the configured type):
+//! - `Q`: tasks, published through the default exchange with routing key `Q`;
+//! - `Q.dlq`: dead letters;
+//! - `Q.delay.<ms>`: one delay queue per retry delay (rounded to two significant
+//!   digits), with `x-message-ttl = ms` and dead-lettering back into `Q`. Each
+//!   expires (`x-expires`) an hour after its delay once unused, so tiers that are
+//!   no longer needed go away by themselves. Quorum delay queues use the
+//!   `at-least-once` dead-letter strategy so a retry copy is never dropped
+//!   between the delay queue and `Q`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+use super::{BrokerError, BrokerResult};
+use crate::config::{QueueType, RabbitConfig};
+use crate::deadletter::DeadLetter;
+use crate::envelope::Envelope;
+
+/// How often a delay queue is re-declared while in use, which keeps its `x-expires` from firing.
+const REDECLARE_EVERY: Duration = Duration::from_secs(600);
+/// Extra lifetime of an unused delay queue beyond its delay.
+const DELAY_QUEUE_IDLE: Duration = Duration::from_secs(3600);
+
+/// A connection to RabbitMQ with a publisher-confirm channel. Cheap to clone.
+#[derive(Clone)]
+pub struct Rabbit {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Connection,
+    publish: Channel,
+    config: RabbitConfig,
+    delay_queues: Mutex<HashMap<u64, Instant>>,
+}
+
+fn unavailable(context: &str, e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(format!("{context}: {e}"))
+}
+
+/// Rounds a delay to two significant digits of milliseconds, so delay queues stay few.
+pub fn delay_tier_ms(delay: Duration) -> u64 {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX).max(1);
+    let mut scale = 1u64;
+    while ms / scale >= 100 {
+        scale *= 10;
+    }
+    ((ms + scale / 2) / scale).max(1) * scale
+}
+
+impl Rabbit {
+    /// Connects with auto-recovery and declares the work and dead-letter queues.
+    pub async fn connect(config: &RabbitConfig, client_name: &str) -> BrokerResult<Rabbit> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(client_name.to_string().into())
+            .enable_auto_recover()
+            .configure_backoff(|b| {
+                b.with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(100_000)
+            });
+        let conn = Connection::connect(&config.url, props)
+            .await
+            .map_err(|e| unavailable(&format!("connecting to {}", redact(&config.url)), e))?;
+        let publish = conn
+            .create_channel()
+            .await
+            .map_err(|e| unavailable("opening the publish channel", e))?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| unavailable("enabling publisher confirms", e))?;
+        let rabbit = Rabbit {
+            inner: Arc::new(Inner {
+                conn,
+                publish,
+                config: config.clone(),
+                delay_queues: Mutex::new(HashMap::new()),
+            }),
+        };
+        rabbit.declare(&config.queue, FieldTable::default()).await?;
+        rabbit
+            .declare(&rabbit.dlq_name(), FieldTable::default())
+            .await?;
+        Ok(rabbit)
+    }
+
+    /// The work queue name.
+    pub fn queue(&self) -> &str {
+        &self.inner.config.queue
+    }
+
+    /// The dead-letter queue name.
+    pub fn dlq_name(&self) -> String {
+        format!("{}.dlq", self.inner.config.queue)
+    }
+
+    /// The delay queue name for a delay.
+    pub fn delay_queue_name(&self, tier_ms: u64) -> String {
+        format!("{}.delay.{tier_ms}", self.inner.config.queue)
+    }
+
+    /// Declares a durable queue of the configured type, on a throwaway channel
+    /// so that a conflict (406) closes only that channel.
+    async fn declare(&self, name: &str, mut args: FieldTable) -> BrokerResult<()> {
+        let kind = match self.inner.config.queue_type {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        };
+        args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+        let ch = self
+            .inner
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| unavailable("opening a channel", e))?;
+        let result = ch
+            .queue_declare(name.into(), QueueDeclareOptions::durable(), args)
+            .await;
+        let _ = ch.close(200, "declared".into()).await;
+        result.map(|_| ()).map_err(|e| {
+            let text = e.to_string();
+            if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
+                BrokerError::Setup(format!(
+                    "queue `{name}` exists with other arguments than cronpipe declares ({kind}): {text}; \
+                     delete the queue or set broker.rabbitmq.queue_type to match it"
+                ))
+            } else {
+                unavailable(&format!("declaring queue `{name}`"), text)
+            }
+        })
+    }
+
+    /// Declares (or refreshes) the delay queue for `tier_ms`.
+    async fn ensure_delay_queue(&self, tier_ms: u64) -> BrokerResult<String> {
+        let name = self.delay_queue_name(tier_ms);
+        let mut declared = self.inner.delay_queues.lock().await;
+        let fresh = declared
+            .get(&tier_ms)
+            .is_some_and(|at| at.elapsed() < REDECLARE_EVERY);
+        if !fresh {
+            let mut args = FieldTable::default();
+            let ttl = i64::try_from(tier_ms).unwrap_or(i64::MAX);
+            let expires = ttl.saturating_add(DELAY_QUEUE_IDLE.as_millis() as i64);
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(expires));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(self.queue().into()),
+            );
+            if self.inner.config.queue_type == QueueType::Quorum {
+                args.insert(
+                    "x-dead-letter-strategy".into(),
+                    AMQPValue::LongString("at-least-once".into()),
+                );
+                args.insert(
+                    "x-overflow".into(),
+                    AMQPValue::LongString("reject-publish".into()),
+                );
+            }
+            self.declare(&name, args).await?;
+            declared.insert(tier_ms, Instant::now());
+        }
+        Ok(name)
+    }
+
+    fn properties(env: &Envelope) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-cronpipe-task".into(),
+            AMQPValue::LongString(env.task.as_str().into()),
+        );
+        headers.insert(
+            "x-cronpipe-attempt".into(),
+            AMQPValue::LongLongInt(i64::from(env.attempt)),
+        );
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(env.id.as_str().into())
+            .with_timestamp(u64::try_from(env.created_at.timestamp()).unwrap_or(0))
+            .with_app_id("cronpipe".into())
+            .with_headers(headers)
+    }
+
+    /// Sends one message and returns its pending confirm.
+    async fn send(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> BrokerResult<lapin::PublisherConfirm> {
+        let ch = &self.inner.publish;
+        match ch
+            .basic_publish(
+                ShortString::from(""),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body,
+                props,
+            )
+            .await
+        {
+            Ok(confirm) => Ok(confirm),
+            Err(e) => {
+                let text = e.to_string();
+                // Give an auto-recovering connection a moment before the caller retries.
+                let _ = tokio::time::timeout(
+                    self.inner.config.confirm_timeout.get(),
+                    ch.wait_for_recovery(e),
+                )
+                .await;
+                Err(unavailable("publishing", text))
+            }
+        }
+    }
+
+    async fn confirmed(
+        &self,
+        routing_key: &str,
+        confirm: lapin::PublisherConfirm,
+    ) -> BrokerResult<()> {
+        let wait = self.inner.config.confirm_timeout.get();
+        match tokio::time::timeout(wait, confirm).await {
+            Err(_) => Err(BrokerError::Unavailable(format!(
+                "no publisher confirm within {}",
+                humantime::format_duration(wait)
+            ))),
+            Ok(Err(e)) => Err(unavailable("waiting for the publisher confirm", e)),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(BrokerError::Refused(format!(
+                "no queue is bound to `{routing_key}` (message returned unroutable)"
+            ))),
+            Ok(Ok(Confirmation::Nack(_))) => Err(BrokerError::Refused(format!(
+                "negative confirm publishing to `{routing_key}`"
+            ))),
+            Ok(Ok(Confirmation::NotRequested)) => Err(BrokerError::Unavailable(
+                "publisher confirms are not enabled on the channel".into(),
+            )),
+        }
+    }
+
+    /// Publishes a task to the work queue and waits for the confirm.
+    pub async fn publish(&self, env: &Envelope) -> BrokerResult<()> {
+        let q = self.queue().to_string();
+        let confirm = self.send(&q, &env.to_json(), Self::properties(env)).await?;
+        self.confirmed(&q, confirm).await
+    }
+
+    /// Publishes tasks with all confirms in flight at once.
+    pub async fn publish_batch(&self, envs: &[Envelope]) -> Vec<BrokerResult<()>> {
+        let q = self.queue().to_string();
+        let mut pending = Vec::with_capacity(envs.len());
+        for env in envs {
+            pending.push(self.send(&q, &env.to_json(), Self::properties(env)).await);
+        }
+        let waits = pending.into_iter().map(|p| {
+            let q = q.clone();
+            async move {
+                match p {
+                    Ok(confirm) => self.confirmed(&q, confirm).await,
+                    Err(e) => Err(e),
+                }
+            }
+        });
+        futures::future::join_all(waits).await
+    }
+
+    /// Publishes to the delay queue for `delay`; the broker moves it to the work queue when due.
+    pub async fn publish_delayed(&self, env: &Envelope, delay: Duration) -> BrokerResult<()> {
+        let tier = delay_tier_ms(delay);
+        let name = self.ensure_delay_queue(tier).await?;
+        let confirm = self
+            .send(&name, &env.to_json(), Self::properties(env))
+            .await?;
+        self.confirmed(&name, confirm).await
+    }
+
+    /// Publishes a dead letter to `Q.dlq`.
+    pub async fn publish_dead_letter(&self, record: &DeadLetter) -> BrokerResult<()> {
+        let name = self.dlq_name();
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-cronpipe-reason".into(),
+            AMQPValue::LongString(record.reason.as_str().into()),
+        );
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_app_id("cronpipe".into())
+            .with_headers(headers);
+        if let Some(env) = &record.envelope {
+            props = props.with_message_id(env.id.as_str().into());
+        }
+        let confirm = self.send(&name, &record.to_json(), props).await?;
+        self.confirmed(&name, confirm).await
+    }
+
+    /// Starts a consumer on the work queue on its own channel.
+    pub async fn consume(&self, prefetch: u16, tag: &str) -> BrokerResult<RabbitConsumer> {
+        let channel = self
+            .inner
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| unavailable("opening the consume channel", e))?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| unavailable("setting prefetch", e))?;
+        let consumer = channel
+            .basic_consume(
+                self.queue().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| unavailable(&format!("consuming `{}`", self.queue()), e))?;
+        Ok(RabbitConsumer {
+            channel,
+            consumer,
+            tag: tag.to_string(),
+            cancelled: false,
+        })
+    }
+
+    /// Whether the connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.inner.conn.status().connected()
+    }
+
+    /// Closes the connection; unacked deliveries go back to their queues.
+    pub async fn close(&self) {
+        let _ = self.inner.conn.close(200, "bye".into()).await;
+    }
+
+    /// Deletes the work queue, the dead-letter queue and the delay queues this
+    /// process declared (for tests and tear-down tools).
+    pub async fn delete_topology(&self) -> BrokerResult<()> {
+        let mut names = vec![self.queue().to_string(), self.dlq_name()];
+        names.extend(
+            self.inner
+                .delay_queues
+                .lock()
+                .await
+                .keys()
+                .map(|t| self.delay_queue_name(*t)),
+        );
+        for name in names {
+            let ch = self
+                .inner
+                .conn
+                .create_channel()
+                .await
+                .map_err(|e| unavailable("opening a channel", e))?;
+            let _ = ch
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            let _ = ch.close(200, "deleted".into()).await;
+        }
+        Ok(())
+    }
+
+    /// Fetches one message from `queue` without consuming continuously (for tools and tests).
+    /// The message is acked when `ack` is true, otherwise requeued.
+    pub async fn get(&self, queue: &str, ack: bool) -> BrokerResult<Option<Vec<u8>>> {
+        let ch = self
+            .inner
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| unavailable("opening a channel", e))?;
+        let got = ch
+            .basic_get(queue.into(), lapin::options::BasicGetOptions::default())
+            .await
+            .map_err(|e| unavailable(&format!("reading `{queue}`"), e))?;
+        let out = match got {
+            Some(msg) => {
+                let data = msg.delivery.data.clone();
+                if ack {
+                    msg.delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map_err(|e| unavailable("acking", e))?;
+                } else {
+                    msg.delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        })
+                        .await
+                        .map_err(|e| unavailable("requeueing", e))?;
+                }
+                Some(data)
+            }
+            None => None,
+        };
+        let _ = ch.close(200, "done".into()).await;
+        Ok(out)
+    }
+}
+
+/// Hides the password of a URL for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A consumer of the work queue.
+pub struct RabbitConsumer {
+    channel: Channel,
+    consumer: lapin::Consumer,
+    tag: String,
+    cancelled: bool,
+}
+
+impl RabbitConsumer {
+    /// The next delivery. Channel errors wait for auto-recovery; `None` when cancelled or unrecoverable.
+    pub async fn next(&mut self) -> Option<RabbitDelivery> {
+        loop {
+            match self.consumer.next().await {
+                Some(Ok(d)) => return Some(RabbitDelivery { inner: d }),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "Consumer channel failed; waiting for recovery");
+                    if let Err(e) = self.channel.wait_for_recovery(e).await {
+                        tracing::error!(error = %e, "Consumer channel cannot recover");
+                        return None;
+                    }
+                    tracing::info!("Consumer channel recovered");
+                }
+                None => return None,
+            }
+        }
+    }
+
+    /// Cancels the consumer; deliveries already received stay unacked until settled.
+    pub async fn cancel(&mut self) {
+        if !self.cancelled {
+            self.cancelled = true;
+            let _ = self
+                .channel
+                .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
+    }
+}
+
+/// One RabbitMQ delivery.
+pub struct RabbitDelivery {
+    inner: lapin::message::Delivery,
+}
+
+impl RabbitDelivery {
+    /// Body bytes.
+    pub fn body(&self) -> &[u8] {
+        &self.inner.data
+    }
+
+    /// Broker's redelivered flag.
+    pub fn redelivered(&self) -> bool {
+        self.inner.redelivered
+    }
+
+    /// Acks.
+    pub async fn ack(self) -> BrokerResult<()> {
+        match self.inner.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(BrokerError::Unavailable(
+                "ack not sent: the delivery's channel is gone; the broker will redeliver".into(),
+            )),
+            Err(e) => Err(unavailable("acking", e)),
+        }
+    }
+
+    /// Nacks with requeue.
+    pub async fn requeue(self) -> BrokerResult<()> {
+        self.inner
+            .acker
+            .nack(BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable("requeueing", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_tiers_have_two_significant_digits() {
+        assert_eq!(delay_tier_ms(Duration::from_millis(1)), 1);
+        assert_eq!(delay_tier_ms(Duration::from_millis(99)), 99);
+        assert_eq!(delay_tier_ms(Duration::from_millis(1234)), 1200);
+        assert_eq!(delay_tier_ms(Duration::from_millis(1250)), 1300);
+        assert_eq!(delay_tier_ms(Duration::from_millis(57_891)), 58_000);
+        assert_eq!(delay_tier_ms(Duration::from_secs(300)), 300_000);
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact("amqp://host"), "amqp://host");
+    }
+}

@@ -1,0 +1,73 @@
+//! Every Redis key cronpipe uses, in one place. All keys of a namespace share
+//! the hash tag `{ns}`, so they live in one Redis Cluster slot and the Lua
+//! scripts that touch several of them stay valid on a cluster.
+
+/// Key builder for one namespace.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys under `namespace`.
+    pub fn new(namespace: &str) -> Self {
+        Keys {
+            prefix: format!("{{{namespace}}}"),
+        }
+    }
+
+    /// The namespace's key prefix (`{ns}`), for clean-up by pattern.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// String: the leader lease, value `<token>:<instance>:<nonce>`.
+    pub fn leader(&self) -> String {
+        format!("{}:leader", self.prefix)
+    }
+
+    /// Counter: the last fencing token handed out.
+    pub fn fencing(&self) -> String {
+        format!("{}:leader:fencing", self.prefix)
+    }
+
+    /// Pub/sub channel: a leader released the lease.
+    pub fn leader_released(&self) -> String {
+        format!("{}:leader:released", self.prefix)
+    }
+
+    /// Hash: schedule name → last slot handled (epoch ms), advanced only after a broker confirm.
+    pub fn watermarks(&self) -> String {
+        format!("{}:watermarks", self.prefix)
+    }
+
+    /// String: a task's idempotency state (`running:<worker>` with a lease, `done`, or `dead`).
+    pub fn idem(&self, key: &str) -> String {
+        format!("{}:idem:{key}", self.prefix)
+    }
+
+    /// Counter: claims of a task key, so crashes count as attempts.
+    pub fn attempts(&self, key: &str) -> String {
+        format!("{}:attempts:{key}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_namespace_hash_tag() {
+        let k = Keys::new("prod");
+        for key in [
+            k.leader(),
+            k.fencing(),
+            k.watermarks(),
+            k.idem("a"),
+            k.attempts("a"),
+        ] {
+            assert!(key.starts_with("{prod}:"), "{key}");
+        }
+        assert_ne!(k.idem("a"), k.attempts("a"));
+    }
+}

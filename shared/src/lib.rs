@@ -1,0 +1,28 @@
+//! cronpipe's shared library: everything the producer and the worker agree on.
+//!
+//! - [`envelope`]: the versioned task message (public contract, JSON Schema in `docs/`).
+//! - [`config`]: the TOML config, environment overrides and validation.
+//! - [`schedule`]: cron / interval / ISO 8601 slot computation with DST rules.
+//! - [`duration`]: `"30s"`-style durations in config.
+//! - [`keys`]: every Redis key name.
+//! - [`store`]: Redis operations (lease, watermarks, idempotency claims) as Lua scripts.
+//! - [`broker`]: the broker abstraction and its RabbitMQ adapter.
+//! - [`deadletter`]: the dead-letter record.
+//! - [`backoff`]: retry delays for failed tasks.
+//! - [`telemetry`]: logging setup.
+
+pub mod backoff;
+pub mod broker;
+pub mod config;
+pub mod deadletter;
+pub mod duration;
+pub mod envelope;
+pub mod keys;
+pub mod schedule;
+pub mod store;
+pub mod telemetry;
+
+pub use broker::{Broker, BrokerError, Consumer, Delivery};
+pub use config::Config;
+pub use envelope::Envelope;
+pub use store::Store;

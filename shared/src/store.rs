@@ -1,0 +1,337 @@
+//! Redis access: connection setup and the atomic operations cronpipe relies
+//! on (leader lease, watermarks, idempotency claims), each one Lua script from
+//! `lua/` so that check-and-set never races.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+
+use crate::keys::Keys;
+
+/// A Redis failure. Redis errors are transient from cronpipe's point of view:
+/// the operation can be tried again once Redis answers.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis refused or did not answer.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Redis answered with data this build cannot read.
+    #[error("redis returned unexpected data: {0}")]
+    Unexpected(String),
+}
+
+impl StoreError {
+    /// Whether trying again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Redis(_))
+    }
+}
+
+/// Result alias for store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Outcome of claiming a task key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Ours to run; this is attempt number `attempt` (crashed attempts included).
+    Claimed {
+        /// Attempts so far, this one included.
+        attempt: u32,
+    },
+    /// Already ran to success within the done window.
+    Done,
+    /// Already dead-lettered.
+    Dead,
+    /// Another worker holds a live claim.
+    Busy {
+        /// The claim's value (`running:<worker>`).
+        owner: String,
+        /// Time left on its lease.
+        ttl: Duration,
+    },
+}
+
+/// Final state written for a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Success: duplicates are skipped for the done window.
+    Done,
+    /// Dead-lettered: duplicates are skipped until an operator replays it.
+    Dead,
+    /// Give the key back (a retry copy is queued, or shutdown interrupted the attempt).
+    Release,
+}
+
+/// Handle to Redis for one namespace. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    keys: Keys,
+    scripts: std::sync::Arc<Scripts>,
+    client: redis::Client,
+}
+
+struct Scripts {
+    lease_acquire: Script,
+    lease_renew: Script,
+    lease_release: Script,
+    watermark_advance: Script,
+    idem_claim: Script,
+    idem_renew: Script,
+    idem_finish: Script,
+}
+
+impl Scripts {
+    fn load() -> Self {
+        Scripts {
+            lease_acquire: Script::new(include_str!("lua/lease_acquire.lua")),
+            lease_renew: Script::new(include_str!("lua/lease_renew.lua")),
+            lease_release: Script::new(include_str!("lua/lease_release.lua")),
+            watermark_advance: Script::new(include_str!("lua/watermark_advance.lua")),
+            idem_claim: Script::new(include_str!("lua/idem_claim.lua")),
+            idem_renew: Script::new(include_str!("lua/idem_renew.lua")),
+            idem_finish: Script::new(include_str!("lua/idem_finish.lua")),
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl Store {
+    /// Connects to Redis. `response_timeout` bounds every command, so a paused
+    /// or partitioned Redis shows up as an error instead of a hang.
+    pub async fn connect(
+        url: &str,
+        namespace: &str,
+        response_timeout: Duration,
+    ) -> StoreResult<Self> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(response_timeout))
+            .set_connection_timeout(Some(response_timeout.max(Duration::from_secs(1))))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = client.get_connection_manager_with_config(config).await?;
+        Ok(Store {
+            conn,
+            keys: Keys::new(namespace),
+            scripts: std::sync::Arc::new(Scripts::load()),
+            client,
+        })
+    }
+
+    /// The key names of this namespace.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A fresh connection for pub/sub.
+    pub async fn pubsub(&self) -> StoreResult<redis::aio::PubSub> {
+        Ok(self.client.get_async_pubsub().await?)
+    }
+
+    /// Round trip to Redis.
+    pub async fn ping(&self) -> StoreResult<()> {
+        let mut c = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut c).await?;
+        Ok(())
+    }
+
+    /// Tries to take the lease. Returns the fencing token when taken.
+    pub async fn lease_acquire(&self, holder: &str, ttl: Duration) -> StoreResult<Option<u64>> {
+        let mut c = self.conn.clone();
+        let token: u64 = self
+            .scripts
+            .lease_acquire
+            .key(self.keys.leader())
+            .key(self.keys.fencing())
+            .arg(holder)
+            .arg(ms(ttl))
+            .invoke_async(&mut c)
+            .await?;
+        Ok((token > 0).then_some(token))
+    }
+
+    /// Extends the lease if `value` still holds it.
+    pub async fn lease_renew(&self, value: &str, ttl: Duration) -> StoreResult<bool> {
+        let mut c = self.conn.clone();
+        let ok: i64 = self
+            .scripts
+            .lease_renew
+            .key(self.keys.leader())
+            .arg(value)
+            .arg(ms(ttl))
+            .invoke_async(&mut c)
+            .await?;
+        Ok(ok == 1)
+    }
+
+    /// Releases the lease if `value` holds it, notifying standbys.
+    pub async fn lease_release(&self, value: &str) -> StoreResult<bool> {
+        let mut c = self.conn.clone();
+        let ok: i64 = self
+            .scripts
+            .lease_release
+            .key(self.keys.leader())
+            .arg(value)
+            .arg(self.keys.leader_released())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(ok == 1)
+    }
+
+    /// The current lease value and its time left, if any.
+    pub async fn lease_holder(&self) -> StoreResult<Option<(String, Duration)>> {
+        let mut c = self.conn.clone();
+        let (value, pttl): (Option<String>, i64) = redis::pipe()
+            .get(self.keys.leader())
+            .pttl(self.keys.leader())
+            .query_async(&mut c)
+            .await?;
+        Ok(value.map(|v| (v, Duration::from_millis(pttl.max(0) as u64))))
+    }
+
+    /// Watermarks of all schedules.
+    pub async fn watermarks(&self) -> StoreResult<HashMap<String, DateTime<Utc>>> {
+        let mut c = self.conn.clone();
+        let raw: HashMap<String, i64> = c.hgetall(self.keys.watermarks()).await?;
+        raw.into_iter()
+            .map(|(k, v)| {
+                Utc.timestamp_millis_opt(v)
+                    .single()
+                    .map(|t| (k, t))
+                    .ok_or_else(|| {
+                        StoreError::Unexpected(format!("watermark {v} is not an instant"))
+                    })
+            })
+            .collect()
+    }
+
+    /// Advances watermarks (never backwards), only if `lease_value` still holds the lease.
+    /// Returns false, writing nothing, when the lease is not ours.
+    pub async fn advance_watermarks(
+        &self,
+        lease_value: &str,
+        marks: &[(&str, DateTime<Utc>)],
+    ) -> StoreResult<bool> {
+        if marks.is_empty() {
+            return Ok(true);
+        }
+        let mut c = self.conn.clone();
+        let mut inv = self.scripts.watermark_advance.prepare_invoke();
+        inv.key(self.keys.leader())
+            .key(self.keys.watermarks())
+            .arg(lease_value);
+        for (name, slot) in marks {
+            inv.arg(*name).arg(slot.timestamp_millis());
+        }
+        let ok: i64 = inv.invoke_async(&mut c).await?;
+        Ok(ok == 1)
+    }
+
+    /// Forgets watermarks of schedules that no longer exist.
+    pub async fn remove_watermarks(&self, names: &[String]) -> StoreResult<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        let _: i64 = c.hdel(self.keys.watermarks(), names).await?;
+        Ok(())
+    }
+
+    /// Claims a task key for one attempt (see `lua/idem_claim.lua`).
+    pub async fn claim(
+        &self,
+        key: &str,
+        worker: &str,
+        ttl: Duration,
+        keep: Duration,
+    ) -> StoreResult<Claim> {
+        let mut c = self.conn.clone();
+        let reply: Vec<redis::Value> = self
+            .scripts
+            .idem_claim
+            .key(self.keys.idem(key))
+            .key(self.keys.attempts(key))
+            .arg(worker)
+            .arg(ms(ttl))
+            .arg(ms(keep))
+            .invoke_async(&mut c)
+            .await?;
+        let text = |v: &redis::Value| -> Option<String> { redis::from_redis_value_ref(v).ok() };
+        let num = |v: &redis::Value| -> Option<i64> { redis::from_redis_value_ref(v).ok() };
+        match reply.as_slice() {
+            [state, n] if text(state).as_deref() == Some("claimed") => Ok(Claim::Claimed {
+                attempt: num(n)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .unwrap_or(u32::MAX),
+            }),
+            [state, _] if text(state).as_deref() == Some("done") => Ok(Claim::Done),
+            [state, _] if text(state).as_deref() == Some("dead") => Ok(Claim::Dead),
+            [state, owner, ttl] if text(state).as_deref() == Some("busy") => Ok(Claim::Busy {
+                owner: text(owner).unwrap_or_default(),
+                ttl: Duration::from_millis(num(ttl).unwrap_or(0).max(0) as u64),
+            }),
+            other => Err(StoreError::Unexpected(format!("claim reply {other:?}"))),
+        }
+    }
+
+    /// Extends our claim on `key`. False when it is no longer ours.
+    pub async fn renew_claim(&self, key: &str, worker: &str, ttl: Duration) -> StoreResult<bool> {
+        let mut c = self.conn.clone();
+        let ok: i64 = self
+            .scripts
+            .idem_renew
+            .key(self.keys.idem(key))
+            .arg(worker)
+            .arg(ms(ttl))
+            .invoke_async(&mut c)
+            .await?;
+        Ok(ok == 1)
+    }
+
+    /// Records the outcome of our claim. Returns whether the claim was still ours.
+    pub async fn finish(
+        &self,
+        key: &str,
+        worker: &str,
+        outcome: Outcome,
+        keep: Duration,
+    ) -> StoreResult<bool> {
+        let state = match outcome {
+            Outcome::Done => "done",
+            Outcome::Dead => "dead",
+            Outcome::Release => "",
+        };
+        let mut c = self.conn.clone();
+        let ok: i64 = self
+            .scripts
+            .idem_finish
+            .key(self.keys.idem(key))
+            .arg(worker)
+            .arg(state)
+            .arg(ms(keep))
+            .invoke_async(&mut c)
+            .await?;
+        Ok(ok == 1)
+    }
+
+    /// Forgets a key's state and attempt count (used when replaying a dead letter).
+    pub async fn reset_key(&self, key: &str) -> StoreResult<()> {
+        let mut c = self.conn.clone();
+        let _: i64 = c
+            .del(&[self.keys.idem(key), self.keys.attempts(key)])
+            .await?;
+        Ok(())
+    }
+
+    /// Raw connection, for callers with needs of their own (tests, tools).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+}

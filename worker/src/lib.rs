@@ -1,0 +1,1 @@
+//! cronpipe worker library.
