@@ -1,1 +1,173 @@
-//! cronpipe producer library.
+//! cronpipe producer: turns schedules into task messages, exactly one leader at a time.
+//!
+//! - [`clock`]: wall-clock abstraction (system clock, manual clock for tests).
+//! - [`leader`]: the Redis lease with fencing token, renewal and release.
+//! - [`misfire`]: which slots to publish now, and what the misfire policy drops.
+//! - [`scheduler`]: the leader loop (timer heap, pipelined publishing, watermarks).
+//! - [`run`]: standby ⇄ leader until shutdown.
+
+pub mod clock;
+pub mod leader;
+pub mod misfire;
+pub mod scheduler;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cronpipe_shared::config::BuiltSchedule;
+use cronpipe_shared::{Broker, BrokerError, Config, Store};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::leader::LeaseTiming;
+
+/// Errors that stop the producer (everything transient is retried inside).
+#[derive(Debug, thiserror::Error)]
+pub enum ProducerError {
+    /// The broker's setup conflicts with the config.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// Redis could not be reached at startup.
+    #[error(transparent)]
+    Store(#[from] cronpipe_shared::store::StoreError),
+}
+
+/// Producer settings.
+#[derive(Clone)]
+pub struct Options {
+    /// Name in the lease and logs.
+    pub instance_id: String,
+    /// Lease TTL.
+    pub lease_ttl: Duration,
+    /// Lateness that makes a slot missed.
+    pub misfire_threshold: Duration,
+    /// Wall clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Options {
+    /// Settings from config, on the system clock.
+    pub fn from_config(config: &Config) -> Self {
+        Options {
+            instance_id: config
+                .producer
+                .instance_id
+                .clone()
+                .unwrap_or_else(|| cronpipe_shared::telemetry::default_instance_id("producer")),
+            lease_ttl: config.producer.lease_ttl.get(),
+            misfire_threshold: config.producer.misfire_threshold.get(),
+            clock: Arc::new(clock::SystemClock),
+        }
+    }
+}
+
+/// Connects to Redis and the broker, retrying transient failures with backoff
+/// until they answer or `shutdown`. `None` on shutdown.
+pub async fn connect(
+    config: &Config,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<(Store, Broker)>, ProducerError> {
+    let response_timeout = (config.producer.lease_ttl.get() / 3).max(Duration::from_millis(200));
+    let mut delays = backoff_forever();
+    let store = loop {
+        match Store::connect(&config.redis.url, &config.redis.namespace, response_timeout).await {
+            Ok(s) => break s,
+            Err(e) => {
+                let d = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "Redis unavailable at startup");
+                tokio::select! { _ = shutdown.cancelled() => return Ok(None), _ = tokio::time::sleep(d) => {} }
+            }
+        }
+    };
+    let mut delays = backoff_forever();
+    let broker = loop {
+        match Broker::connect(&config.broker, name).await {
+            Ok(b) => break b,
+            Err(e) if e.is_transient() => {
+                let d = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "Broker unavailable at startup");
+                tokio::select! { _ = shutdown.cancelled() => return Ok(None), _ = tokio::time::sleep(d) => {} }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    Ok(Some((store, broker)))
+}
+
+/// Exponential backoff with jitter, 100 ms to 5 s, without end.
+pub fn backoff_forever() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Runs the producer: stand by, lead when the lease is ours, step down when it
+/// is lost, and on shutdown release the lease. Returns once `shutdown` is
+/// cancelled.
+pub async fn run(
+    opts: Options,
+    store: Store,
+    broker: Broker,
+    mut schedules: watch::Receiver<Arc<Vec<BuiltSchedule>>>,
+    shutdown: CancellationToken,
+) -> Result<(), ProducerError> {
+    let timing = LeaseTiming {
+        ttl: opts.lease_ttl,
+    };
+    let released = Arc::new(Notify::new());
+    let watcher = tokio::spawn(leader::watch_releases(
+        store.clone(),
+        released.clone(),
+        shutdown.clone(),
+    ));
+    metrics::gauge!("cronpipe_producer_leader").set(0.0);
+    loop {
+        let holder = format!("{}:{:016x}", opts.instance_id, rand::random::<u64>());
+        let Some(lease) = leader::acquire(&store, &holder, timing, &released, &shutdown).await
+        else {
+            break;
+        };
+        tracing::info!(token = lease.token, instance = %opts.instance_id, "Became leader");
+        metrics::gauge!("cronpipe_producer_leader").set(1.0);
+        metrics::counter!("cronpipe_producer_leaderships_total").increment(1);
+        let stop_renewal = CancellationToken::new();
+        let renewal = tokio::spawn(leader::keep(
+            store.clone(),
+            lease.clone(),
+            timing,
+            stop_renewal.clone(),
+        ));
+        let mut ctx = scheduler::Ctx {
+            store: &store,
+            broker: &broker,
+            clock: &opts.clock,
+            threshold: opts.misfire_threshold,
+            schedules: &mut schedules,
+            shutdown: &shutdown,
+        };
+        let exit = scheduler::lead(&mut ctx, &lease).await;
+        stop_renewal.cancel();
+        let _ = renewal.await;
+        metrics::gauge!("cronpipe_producer_leader").set(0.0);
+        match exit {
+            scheduler::Exit::Shutdown => {
+                leader::release(&store, &lease).await;
+                break;
+            }
+            scheduler::Exit::LostLease => {
+                tracing::warn!(token = lease.token, "Lost leadership; standing by");
+                // Give the lease back if it is somehow still ours, so a standby need not wait.
+                leader::release(&store, &lease).await;
+            }
+        }
+    }
+    watcher.abort();
+    broker.close().await;
+    Ok(())
+}

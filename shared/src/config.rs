@@ -522,13 +522,24 @@ impl Config {
                 .filter(|s| s != "?")
                 .collect();
             let key = key_path(&segments);
-            let mut message = e.inner().to_string();
+            // `message()`, not `to_string()`: the latter appends "\nin `<path>`",
+            // which repeats the key and breaks the one-line-per-error listing.
+            let mut message = e.inner().message().to_string();
             if let Some(var) = from_env.get(&key) {
                 message.push_str(&format!(" (value set by environment variable {var})"));
             }
             err(key, None, message)
         })?;
-        config.validate(file)?;
+        config.validate(file).map_err(|mut errors| {
+            // A bad value that came from the environment is not in the file: say where it is.
+            for e in &mut errors.0 {
+                if let Some(var) = from_env.get(&e.key) {
+                    e.message
+                        .push_str(&format!(" (value set by environment variable {var})"));
+                }
+            }
+            errors
+        })?;
         Ok(config)
     }
 

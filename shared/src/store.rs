@@ -142,10 +142,15 @@ impl Store {
         Ok(())
     }
 
-    /// Tries to take the lease. Returns the fencing token when taken.
-    pub async fn lease_acquire(&self, holder: &str, ttl: Duration) -> StoreResult<Option<u64>> {
+    /// Tries to take the lease: `Ok(Ok(token))` when taken (the lease value is
+    /// `<token>:<holder>`), `Ok(Err(time left of the current holder))` otherwise.
+    pub async fn lease_acquire(
+        &self,
+        holder: &str,
+        ttl: Duration,
+    ) -> StoreResult<Result<u64, Duration>> {
         let mut c = self.conn.clone();
-        let token: u64 = self
+        let (token, pttl): (u64, i64) = self
             .scripts
             .lease_acquire
             .key(self.keys.leader())
@@ -154,7 +159,11 @@ impl Store {
             .arg(ms(ttl))
             .invoke_async(&mut c)
             .await?;
-        Ok((token > 0).then_some(token))
+        if token > 0 {
+            Ok(Ok(token))
+        } else {
+            Ok(Err(Duration::from_millis(pttl.max(0) as u64)))
+        }
     }
 
     /// Extends the lease if `value` still holds it.

@@ -1,1 +1,226 @@
-//! cronpipe worker library.
+//! cronpipe worker: consumes task messages and runs each to a durable outcome.
+//! Also a library: register Rust handlers in a [`Registry`] and call [`run`].
+//!
+//! - [`handler`]: the handler API (`Task`, `TaskError`, `Registry`).
+//! - [`exec`]: the built-in `exec` handler.
+//! - [`process`]: one delivery from claim to ack.
+//! - [`run`]: the consume loop with bounded concurrency and graceful shutdown.
+
+pub mod exec;
+pub mod handler;
+pub mod process;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cronpipe_shared::config::HandlerKind;
+use cronpipe_shared::{Broker, BrokerError, Config, Store};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use handler::{FailureDetail, Handler, Registry, Task, TaskError};
+pub use process::{Report, Settled};
+
+/// Errors that stop the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A task in config uses `handler = "rust"` but no Rust handler was registered for it.
+    #[error("task `{0}` is configured with handler = \"rust\" but this worker binary registers no handler for it")]
+    MissingRustHandler(String),
+    /// The broker failed in a way that retrying will not fix, or the consumer ended.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// Redis could not be reached.
+    #[error(transparent)]
+    Store(#[from] cronpipe_shared::store::StoreError),
+}
+
+/// Worker settings.
+#[derive(Clone)]
+pub struct Options {
+    /// Worker id (claims, dead letters, logs).
+    pub instance_id: String,
+    /// The validated config (per-task timeouts and retry policies).
+    pub config: Arc<Config>,
+    /// Receives a report per settled delivery (tests, embedding programs).
+    pub reports: Option<mpsc::UnboundedSender<Report>>,
+}
+
+impl Options {
+    /// Settings from config.
+    pub fn from_config(config: Config) -> Self {
+        Options {
+            instance_id: config
+                .worker
+                .instance_id
+                .clone()
+                .unwrap_or_else(|| cronpipe_shared::telemetry::default_instance_id("worker")),
+            config: Arc::new(config),
+            reports: None,
+        }
+    }
+}
+
+/// Adds an `exec` handler for every `handler = "exec"` task in config to
+/// `registry`, and checks every `handler = "rust"` task is registered.
+pub fn registry_from_config(
+    config: &Config,
+    mut registry: Registry,
+) -> Result<Registry, WorkerError> {
+    for (name, task) in &config.tasks {
+        match task.handler {
+            HandlerKind::Exec => {
+                registry = registry.register(
+                    name.clone(),
+                    exec::ExecHandler {
+                        command: task.command.clone(),
+                        env: task.env.clone(),
+                        workdir: task.workdir.clone(),
+                        permanent_exit_codes: task.permanent_exit_codes.clone(),
+                        tail_bytes: config.worker.output_tail_bytes,
+                    },
+                );
+            }
+            HandlerKind::Rust => {
+                if !registry.contains(name) {
+                    return Err(WorkerError::MissingRustHandler(name.clone()));
+                }
+            }
+        }
+    }
+    Ok(registry)
+}
+
+/// Connects to Redis and the broker, retrying with backoff until they answer or `shutdown`.
+pub async fn connect(
+    config: &Config,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<(Store, Broker)>, WorkerError> {
+    let mut delays = cronpipe_shared_backoff();
+    let store = loop {
+        match Store::connect(
+            &config.redis.url,
+            &config.redis.namespace,
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            Ok(s) => break s,
+            Err(e) => {
+                let d = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "Redis unavailable at startup");
+                tokio::select! { _ = shutdown.cancelled() => return Ok(None), _ = tokio::time::sleep(d) => {} }
+            }
+        }
+    };
+    let mut delays = cronpipe_shared_backoff();
+    let broker = loop {
+        match Broker::connect(&config.broker, name).await {
+            Ok(b) => break b,
+            Err(e) if e.is_transient() => {
+                let d = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "Broker unavailable at startup");
+                tokio::select! { _ = shutdown.cancelled() => return Ok(None), _ = tokio::time::sleep(d) => {} }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    Ok(Some((store, broker)))
+}
+
+fn cronpipe_shared_backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Consumes until `shutdown`, then stops taking deliveries, lets in-flight
+/// tasks finish within `worker.shutdown_grace`, and after that interrupts the
+/// rest: their claims are released and their messages left unacked, so the
+/// broker hands them to another worker at once.
+pub async fn run(
+    opts: Options,
+    store: Store,
+    broker: Broker,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let cfg = opts.config.clone();
+    let concurrency = usize::from(cfg.worker.concurrency.max(1));
+    let task_cfg = cfg.clone();
+    let ctx = Arc::new(process::Ctx {
+        store,
+        broker: broker.clone(),
+        registry,
+        worker: opts.instance_id.clone(),
+        claim_ttl: cfg.worker.claim_ttl.get(),
+        done_ttl: cfg.worker.done_ttl.get(),
+        max_message_bytes: cfg.worker.max_message_bytes,
+        tasks: Arc::new(move |task: &str| {
+            (task_cfg.task_timeout(task), task_cfg.retry_policy(task))
+        }),
+    });
+    let tag = format!("{}-{:08x}", opts.instance_id, rand::random::<u32>());
+    let mut consumer = broker.consume(cfg.worker.concurrency.max(1), &tag).await?;
+    tracing::info!(worker = %opts.instance_id, concurrency, "Consuming");
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let tracker = TaskTracker::new();
+    let abort = CancellationToken::new();
+    let mut failure = None;
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            d = consumer.next() => match d {
+                Some(d) => d,
+                None => {
+                    failure = Some(BrokerError::Unavailable("the consumer ended: the broker connection is gone for good".into()));
+                    break;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        let abort = abort.clone();
+        let reports = opts.reports.clone();
+        tracker.spawn(async move {
+            let report = process::process(&ctx, delivery, abort).await;
+            drop(permit);
+            if let Some(tx) = reports {
+                let _ = tx.send(report);
+            }
+        });
+    }
+    consumer.cancel().await;
+    tracker.close();
+    let grace = cfg.worker.shutdown_grace.get();
+    if !tracker.is_empty() {
+        tracing::info!(
+            in_flight = tracker.len(),
+            grace_ms = grace.as_millis() as u64,
+            "Waiting for in-flight tasks"
+        );
+    }
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            in_flight = tracker.len(),
+            "Shutdown grace period over; interrupting the rest"
+        );
+        abort.cancel();
+        tracker.wait().await;
+    }
+    broker.close().await;
+    tracing::info!("Worker stopped");
+    match failure {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}

@@ -1,7 +1,8 @@
 //! The broker abstraction. A closed set of adapters chosen by config at
 //! runtime; an enum over them is simpler than trait objects with async methods.
-//! `publish` returns only after the broker confirmed the message; a consumed
-//! [`Delivery`] carries its own `ack`, `retry` and `dead_letter`.
+//! Every publish returns only after the broker confirmed the message; a
+//! consumed [`Delivery`] carries its own `ack` and `requeue`. Retry copies and
+//! dead letters are confirmed publishes made before the original is acked.
 
 pub mod rabbitmq;
 
@@ -161,24 +162,5 @@ impl Delivery {
         match self {
             Delivery::Rabbit(d) => d.requeue().await,
         }
-    }
-
-    /// Schedules `next` (the retry copy) after `delay`, then acks this delivery.
-    /// The ack happens only after the broker confirmed the copy.
-    pub async fn retry(
-        self,
-        broker: &Broker,
-        next: &Envelope,
-        delay: Duration,
-    ) -> BrokerResult<()> {
-        broker.publish_delayed(next, delay).await?;
-        self.ack().await
-    }
-
-    /// Publishes `record` to the dead-letter queue, then acks this delivery.
-    /// The ack happens only after the broker confirmed the record.
-    pub async fn dead_letter(self, broker: &Broker, record: &DeadLetter) -> BrokerResult<()> {
-        broker.publish_dead_letter(record).await?;
-        self.ack().await
     }
 }

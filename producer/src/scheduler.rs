@@ -1,0 +1,382 @@
+//! The leader's loop: a timer heap over all schedules (not a task per
+//! schedule), firing every due slot in one pipelined batch, advancing
+//! watermarks only after the broker confirmed, and stepping down the moment
+//! the lease is no longer valid.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use chrono::{DateTime, Utc};
+use cronpipe_shared::config::BuiltSchedule;
+use cronpipe_shared::{Broker, Envelope, Store};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::leader::Lease;
+use crate::misfire;
+
+/// Everything the leader loop needs.
+pub struct Ctx<'a> {
+    /// Redis.
+    pub store: &'a Store,
+    /// Broker to publish to.
+    pub broker: &'a Broker,
+    /// Wall clock.
+    pub clock: &'a Arc<dyn Clock>,
+    /// Lateness beyond which a slot is missed.
+    pub threshold: Duration,
+    /// Current schedule set (hot-reloadable).
+    pub schedules: &'a mut watch::Receiver<Arc<Vec<BuiltSchedule>>>,
+    /// Process shutdown.
+    pub shutdown: &'a CancellationToken,
+}
+
+struct Entry {
+    def: BuiltSchedule,
+    /// Last slot handled (published or deliberately skipped).
+    cursor: DateTime<Utc>,
+    /// Publishing backoff while the broker fails.
+    backoff: Option<backon::ExponentialBackoff>,
+    retry_at: Option<DateTime<Utc>>,
+    gen: u64,
+}
+
+impl Entry {
+    fn due(&self) -> Option<DateTime<Utc>> {
+        if !self.def.enabled {
+            return None;
+        }
+        let next = self.def.schedule.next_after(self.cursor)?;
+        Some(match self.retry_at {
+            Some(r) => r.max(next),
+            None => next,
+        })
+    }
+}
+
+struct State {
+    entries: Vec<Entry>,
+    heap: BinaryHeap<Reverse<(DateTime<Utc>, usize, u64)>>,
+    /// Watermarks to write (cursor moved but not yet stored).
+    dirty: HashMap<usize, DateTime<Utc>>,
+}
+
+impl State {
+    fn push(&mut self, idx: usize) {
+        let e = &mut self.entries[idx];
+        e.gen += 1;
+        if let Some(due) = e.due() {
+            self.heap.push(Reverse((due, idx, e.gen)));
+        }
+    }
+
+    fn next_due(&mut self) -> Option<DateTime<Utc>> {
+        while let Some(Reverse((due, idx, gen))) = self.heap.peek().copied() {
+            if self.entries[idx].gen == gen {
+                return Some(due);
+            }
+            self.heap.pop();
+        }
+        None
+    }
+
+    fn take_due(&mut self, now: DateTime<Utc>) -> Vec<usize> {
+        let mut out = Vec::new();
+        while let Some(due) = self.next_due() {
+            if due > now {
+                break;
+            }
+            if let Some(Reverse((_, idx, _))) = self.heap.pop() {
+                out.push(idx);
+            }
+        }
+        out
+    }
+}
+
+/// Why the leader loop returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Shutdown was requested.
+    Shutdown,
+    /// The lease was lost or its deadline passed.
+    LostLease,
+}
+
+fn publish_backoff() -> backon::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+async fn load(ctx: &mut Ctx<'_>, lease: &Lease) -> Option<State> {
+    let defs = ctx.schedules.borrow_and_update().clone();
+    let marks = loop {
+        if !lease.is_valid() || ctx.shutdown.is_cancelled() {
+            return None;
+        }
+        match ctx.store.watermarks().await {
+            Ok(m) => break m,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read watermarks; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    Some(build_state(&defs, &marks, ctx.clock.now(), None))
+}
+
+fn build_state(
+    defs: &[BuiltSchedule],
+    marks: &HashMap<String, DateTime<Utc>>,
+    now: DateTime<Utc>,
+    previous: Option<&State>,
+) -> State {
+    let mut state = State {
+        entries: Vec::with_capacity(defs.len()),
+        heap: BinaryHeap::with_capacity(defs.len()),
+        dirty: HashMap::new(),
+    };
+    let old: HashMap<&str, &Entry> = previous
+        .map(|p| p.entries.iter().map(|e| (e.def.name.as_str(), e)).collect())
+        .unwrap_or_default();
+    for def in defs {
+        let idx = state.entries.len();
+        let (cursor, fresh) = match (old.get(def.name.as_str()), marks.get(&def.name)) {
+            (Some(e), _) => (e.cursor, false),
+            (None, Some(wm)) => (*wm, false),
+            // A new schedule starts from now; it never back-fills.
+            (None, None) => (now, true),
+        };
+        if fresh {
+            tracing::info!(schedule = %def.name, "New schedule starts from now");
+            state.dirty.insert(idx, cursor);
+        }
+        state.entries.push(Entry {
+            def: def.clone(),
+            cursor,
+            backoff: None,
+            retry_at: None,
+            gen: 0,
+        });
+        state.push(idx);
+    }
+    state
+}
+
+/// Leads until the lease is lost or shutdown.
+pub async fn lead(ctx: &mut Ctx<'_>, lease: &Lease) -> Exit {
+    let Some(mut state) = load(ctx, lease).await else {
+        return exit_reason(ctx, lease);
+    };
+    tracing::info!(
+        token = lease.token,
+        schedules = state.entries.len(),
+        "Leading"
+    );
+    loop {
+        if ctx.shutdown.is_cancelled() || !lease.is_valid() {
+            return exit_reason(ctx, lease);
+        }
+        if ctx.schedules.has_changed().unwrap_or(false) {
+            let defs = ctx.schedules.borrow_and_update().clone();
+            let removed: Vec<String> = state
+                .entries
+                .iter()
+                .map(|e| e.def.name.clone())
+                .filter(|n| !defs.iter().any(|d| &d.name == n))
+                .collect();
+            let dirty_before: Vec<(String, DateTime<Utc>)> = state
+                .dirty
+                .iter()
+                .map(|(i, t)| (state.entries[*i].def.name.clone(), *t))
+                .collect();
+            let mut next = build_state(&defs, &HashMap::new(), ctx.clock.now(), Some(&state));
+            for (name, t) in dirty_before {
+                if let Some(i) = next.entries.iter().position(|e| e.def.name == name) {
+                    next.dirty.insert(i, t);
+                }
+            }
+            state = next;
+            if !removed.is_empty() {
+                if let Err(e) = ctx.store.remove_watermarks(&removed).await {
+                    tracing::warn!(error = %e, "Could not forget watermarks of removed schedules");
+                }
+            }
+            tracing::info!(
+                schedules = state.entries.len(),
+                removed = removed.len(),
+                "Applied new schedule set"
+            );
+        }
+        let now = ctx.clock.now();
+        let due = state.take_due(now);
+        if !due.is_empty() {
+            fire(ctx, lease, &mut state, due, now).await;
+        }
+        if !state.dirty.is_empty() && lease.is_valid() {
+            flush_watermarks(ctx, lease, &mut state).await;
+        }
+        let now = ctx.clock.now();
+        if state.next_due().is_some_and(|d| d <= now) {
+            continue;
+        }
+        let wake = state
+            .next_due()
+            .unwrap_or(now + chrono::Duration::seconds(1));
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => {}
+            _ = lease.lost.cancelled() => {}
+            _ = ctx.schedules.changed() => {}
+            _ = tokio::time::sleep_until(lease.deadline()) => {}
+            _ = ctx.clock.sleep_until(wake) => {}
+        }
+    }
+}
+
+fn exit_reason(ctx: &Ctx<'_>, _lease: &Lease) -> Exit {
+    if ctx.shutdown.is_cancelled() {
+        Exit::Shutdown
+    } else {
+        Exit::LostLease
+    }
+}
+
+async fn flush_watermarks(ctx: &Ctx<'_>, lease: &Lease, state: &mut State) {
+    let marks: Vec<(usize, DateTime<Utc>)> = state.dirty.iter().map(|(i, t)| (*i, *t)).collect();
+    let named: Vec<(&str, DateTime<Utc>)> = marks
+        .iter()
+        .map(|(i, t)| (state.entries[*i].def.name.as_str(), *t))
+        .collect();
+    match ctx.store.advance_watermarks(&lease.value, &named).await {
+        Ok(true) => state.dirty.clear(),
+        Ok(false) => {
+            tracing::warn!(
+                token = lease.token,
+                "Watermark write refused: the lease is no longer ours"
+            );
+            lease.lost.cancel();
+        }
+        Err(e) => {
+            // Published but not recorded: a next leader would publish these slots
+            // again, and their deterministic ids make workers run them once.
+            tracing::warn!(error = %e, pending = marks.len(), "Could not advance watermarks; will retry");
+        }
+    }
+}
+
+async fn fire(
+    ctx: &Ctx<'_>,
+    lease: &Lease,
+    state: &mut State,
+    due: Vec<usize>,
+    now: DateTime<Utc>,
+) {
+    let mut batch: Vec<Envelope> = Vec::new();
+    // (entry, slots of this entry in `batch` as a range, plan cursor)
+    let mut owners: Vec<(usize, std::ops::Range<usize>, Option<DateTime<Utc>>)> = Vec::new();
+    for idx in due {
+        let entry = &mut state.entries[idx];
+        let plan = misfire::plan(&entry.def, entry.cursor, now, ctx.threshold);
+        let name = entry.def.name.as_str();
+        let policy = entry.def.misfire.as_str();
+        if plan.missed > 0 {
+            metrics::counter!("cronpipe_producer_slots_missed_total", "schedule" => name.to_string(), "policy" => policy).increment(plan.missed);
+            metrics::counter!("cronpipe_producer_slots_skipped_total", "schedule" => name.to_string(), "policy" => policy).increment(plan.skipped);
+            metrics::counter!("cronpipe_producer_slots_caught_up_total", "schedule" => name.to_string(), "policy" => policy).increment(plan.caught_up);
+            tracing::warn!(
+                schedule = name,
+                policy,
+                missed = plan.missed,
+                skipped = plan.skipped,
+                caught_up = plan.caught_up,
+                "Missed slots handled by the misfire policy"
+            );
+        }
+        let start = batch.len();
+        for slot in &plan.publish {
+            batch.push(Envelope::scheduled(
+                name,
+                *slot,
+                entry.def.task.clone(),
+                entry.def.payload.clone(),
+                lease.token,
+                now,
+            ));
+        }
+        owners.push((idx, start..batch.len(), plan.cursor));
+    }
+    if !lease.is_valid() {
+        return;
+    }
+    let results = if batch.is_empty() {
+        Vec::new()
+    } else {
+        ctx.broker.publish_batch(&batch).await
+    };
+    let confirmed_at = ctx.clock.now();
+    for (idx, range, plan_cursor) in owners {
+        let entry = &mut state.entries[idx];
+        let name = entry.def.name.clone();
+        let mut failed_at: Option<(DateTime<Utc>, String)> = None;
+        for i in range {
+            let env = &batch[i];
+            let slot = env.slot.unwrap_or(now);
+            match &results[i] {
+                Ok(()) => {
+                    let lag = (confirmed_at - slot).to_std().unwrap_or_default();
+                    metrics::counter!("cronpipe_producer_slots_published_total", "schedule" => name.clone()).increment(1);
+                    metrics::histogram!("cronpipe_producer_publish_lag_seconds", "schedule" => name.clone()).record(lag.as_secs_f64());
+                    tracing::info!(
+                        schedule = %name, slot = %slot.to_rfc3339(), task_id = %env.id, task = %env.task,
+                        token = lease.token, lag_ms = lag.as_millis() as u64, "Published slot"
+                    );
+                }
+                Err(e) => {
+                    failed_at = Some((slot, e.to_string()));
+                    break;
+                }
+            }
+        }
+        match failed_at {
+            None => {
+                if let Some(c) = plan_cursor {
+                    entry.cursor = c;
+                    state.dirty.insert(idx, c);
+                }
+                entry.backoff = None;
+                entry.retry_at = None;
+            }
+            Some((slot, error)) => {
+                // Everything before the failed slot is handled; the failed slot
+                // is planned again (as missed, if it is late by then).
+                let before = slot - chrono::Duration::milliseconds(1);
+                if before > entry.cursor {
+                    entry.cursor = before;
+                    state.dirty.insert(idx, before);
+                }
+                let delay = entry
+                    .backoff
+                    .get_or_insert_with(publish_backoff)
+                    .next()
+                    .unwrap_or(Duration::from_secs(10));
+                entry.retry_at =
+                    Some(ctx.clock.now() + chrono::Duration::from_std(delay).unwrap_or_default());
+                metrics::counter!("cronpipe_producer_publish_retries_total", "schedule" => name.clone()).increment(1);
+                tracing::warn!(
+                    schedule = %name, slot = %slot.to_rfc3339(), error = %error,
+                    retry_in_ms = delay.as_millis() as u64, "Publish failed; will retry"
+                );
+            }
+        }
+        state.push(idx);
+    }
+}

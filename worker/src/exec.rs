@@ -1,0 +1,196 @@
+//! The built-in `exec` handler: runs a program fixed in config (a message can
+//! never choose what runs), payload as JSON on stdin, envelope fields in the
+//! environment, in its own process group so a timeout kills everything it started.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use futures::future::BoxFuture;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use crate::handler::{FailureDetail, Handler, Task, TaskError};
+
+/// An `exec` task definition.
+#[derive(Debug, Clone)]
+pub struct ExecHandler {
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub workdir: Option<PathBuf>,
+    /// Exit codes meaning "do not retry".
+    pub permanent_exit_codes: Vec<i32>,
+    /// Bytes of output kept.
+    pub tail_bytes: usize,
+}
+
+/// Kills the whole process group when dropped, unless disarmed.
+struct GroupGuard(Option<i32>);
+
+impl GroupGuard {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Keeps the last `cap` bytes read.
+async fn tail<R: AsyncRead + Unpin>(mut r: R, cap: usize) -> Vec<u8> {
+    let mut kept: VecDeque<u8> = VecDeque::with_capacity(cap.min(64 * 1024));
+    let mut buf = [0u8; 8192];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                kept.extend(&buf[..n]);
+                while kept.len() > cap {
+                    kept.pop_front();
+                }
+            }
+        }
+    }
+    kept.into_iter().collect()
+}
+
+fn joined_tail(out: &[u8], err: &[u8], cap: usize) -> String {
+    let mut s = String::new();
+    if !out.is_empty() {
+        s.push_str(&String::from_utf8_lossy(out));
+    }
+    if !err.is_empty() {
+        if !s.is_empty() && !s.ends_with('\n') {
+            s.push('\n');
+        }
+        s.push_str(&String::from_utf8_lossy(err));
+    }
+    if s.len() > cap {
+        let mut start = s.len() - cap;
+        while !s.is_char_boundary(start) {
+            start += 1;
+        }
+        s = s[start..].to_string();
+    }
+    s
+}
+
+impl ExecHandler {
+    async fn run(self, task: Task) -> Result<(), TaskError> {
+        let env = &task.envelope;
+        let Some(program) = self.command.first() else {
+            return Err(TaskError::permanent("exec handler has no command"));
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(&self.command[1..])
+            .envs(&self.env)
+            .env("CRONPIPE_TASK_ID", &env.id)
+            .env("CRONPIPE_TASK", &env.task)
+            .env("CRONPIPE_IDEMPOTENCY_KEY", env.key())
+            .env("CRONPIPE_ATTEMPT", task.attempt.to_string())
+            .env("CRONPIPE_CREATED_AT", env.created_at.to_rfc3339())
+            .env("CRONPIPE_WORKER", &task.worker)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(s) = &env.schedule {
+            cmd.env("CRONPIPE_SCHEDULE", s);
+        }
+        if let Some(slot) = env.slot {
+            cmd.env("CRONPIPE_SLOT", slot.to_rfc3339());
+        }
+        if let Some(t) = env.fencing_token {
+            cmd.env("CRONPIPE_FENCING_TOKEN", t.to_string());
+        }
+        if let Some(dir) = &self.workdir {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd.spawn().map_err(|e| TaskError::Permanent {
+            message: format!("cannot start `{program}`: {e}"),
+            detail: FailureDetail::default(),
+        })?;
+        let mut guard = GroupGuard(child.id().and_then(|p| i32::try_from(p).ok()));
+        let payload = serde_json::to_vec(&env.payload).unwrap_or_default();
+        let stdin = child.stdin.take();
+        let feed = async move {
+            if let Some(mut stdin) = stdin {
+                // A program that does not read stdin closes it early; that is fine.
+                let _ = stdin.write_all(&payload).await;
+                let _ = stdin.shutdown().await;
+            }
+        };
+        let cap = self.tail_bytes;
+        let out = child.stdout.take();
+        let err = child.stderr.take();
+        let read_out = async move {
+            match out {
+                Some(o) => tail(o, cap).await,
+                None => Vec::new(),
+            }
+        };
+        let read_err = async move {
+            match err {
+                Some(e) => tail(e, cap).await,
+                None => Vec::new(),
+            }
+        };
+        let wait = async {
+            let (_, o, e, status) = tokio::join!(feed, read_out, read_err, child.wait());
+            (o, e, status)
+        };
+        tokio::select! {
+            (o, e, status) = wait => {
+                // The main process exited; anything it left in its group goes too.
+                guard.kill();
+                let output_tail = joined_tail(&o, &e, cap);
+                let status = status.map_err(|e| TaskError::retryable(format!("waiting for `{program}`: {e}")))?;
+                match status.code() {
+                    Some(0) => {
+                        tracing::info!(task_id = %env.id, task = %env.task, output_tail = %output_tail, "Exec task exited 0");
+                        Ok(())
+                    }
+                    Some(code) => {
+                        let detail = FailureDetail { exit_code: Some(code), http_status: None, output_tail };
+                        let message = format!("`{program}` exited with code {code}");
+                        if self.permanent_exit_codes.contains(&code) {
+                            Err(TaskError::Permanent { message, detail })
+                        } else {
+                            Err(TaskError::Retryable { message, retry_after: None, detail })
+                        }
+                    }
+                    None => {
+                        use std::os::unix::process::ExitStatusExt;
+                        let sig = status.signal().unwrap_or(0);
+                        Err(TaskError::Retryable {
+                            message: format!("`{program}` was killed by signal {sig}"),
+                            retry_after: None,
+                            detail: FailureDetail { exit_code: None, http_status: None, output_tail },
+                        })
+                    }
+                }
+            }
+            _ = task.cancel.cancelled() => {
+                guard.kill();
+                Err(TaskError::retryable(format!("`{program}` was stopped (timeout or shutdown); its process group was killed")))
+            }
+        }
+    }
+}
+
+impl Handler for ExecHandler {
+    fn handle(&self, task: Task) -> BoxFuture<'static, Result<(), TaskError>> {
+        Box::pin(self.clone().run(task))
+    }
+}

@@ -1,0 +1,485 @@
+//! One delivery, start to finish: check → decode → claim → run → record the
+//! outcome durably (done / retry copy confirmed / dead letter confirmed) → ack.
+//! Nothing is acked before its outcome is durable, and nothing is dropped: a
+//! message that cannot run goes to the dead-letter queue with its reason.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use cronpipe_shared::backoff::retry_delay;
+use cronpipe_shared::config::RetryPolicy;
+use cronpipe_shared::deadletter::{DeadLetter, DeadReason};
+use cronpipe_shared::envelope::EnvelopeError;
+use cronpipe_shared::store::{Claim, Outcome};
+use cronpipe_shared::{Broker, Delivery, Envelope, Store};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::handler::{FailureDetail, Registry, Task, TaskError};
+
+/// Shared, read-only context of the worker's tasks.
+pub struct Ctx {
+    /// Redis.
+    pub store: Store,
+    /// Broker (for retry copies and dead letters).
+    pub broker: Broker,
+    /// Handlers.
+    pub registry: Registry,
+    /// This worker's id.
+    pub worker: String,
+    /// Claim lease.
+    pub claim_ttl: Duration,
+    /// Done window.
+    pub done_ttl: Duration,
+    /// Largest accepted body.
+    pub max_message_bytes: usize,
+    /// Per-task settings.
+    pub tasks: Arc<dyn Fn(&str) -> (Duration, RetryPolicy) + Send + Sync>,
+}
+
+/// How a delivery ended, for metrics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The task ran and succeeded.
+    Success,
+    /// The task failed and a retry copy is queued.
+    Retry,
+    /// Dead-lettered.
+    DeadLetter,
+    /// A duplicate of a finished task, acked without running.
+    Duplicate,
+    /// Another worker holds the claim; re-queued for later.
+    Deferred,
+    /// Left unacked for redelivery (shutdown or infrastructure failure).
+    Returned,
+}
+
+impl Settled {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Settled::Success => "success",
+            Settled::Retry => "retry",
+            Settled::DeadLetter => "dead_letter",
+            Settled::Duplicate => "duplicate_skipped",
+            Settled::Deferred => "deferred",
+            Settled::Returned => "returned",
+        }
+    }
+}
+
+fn dead_letter(
+    reason: DeadReason,
+    error: String,
+    envelope: Option<Envelope>,
+    raw: Option<&[u8]>,
+    attempts: u32,
+    detail: &FailureDetail,
+    worker: &str,
+) -> DeadLetter {
+    DeadLetter {
+        v: 1,
+        reason,
+        error,
+        first_seen_at: envelope.as_ref().map(|e| e.created_at),
+        envelope,
+        raw: raw.map(DeadLetter::raw_body),
+        attempts,
+        exit_code: detail.exit_code,
+        http_status: detail.http_status,
+        output_tail: detail.output_tail.clone(),
+        worker: worker.to_string(),
+        dead_lettered_at: Utc::now(),
+    }
+}
+
+/// Retries a Redis operation briefly (infrastructure retry, not task retry).
+async fn with_redis_retry<T, F, Fut>(
+    what: &str,
+    mut op: F,
+) -> Result<T, cronpipe_shared::store::StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, cronpipe_shared::store::StoreError>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .with_max_times(8);
+    (|| op())
+        .retry(policy)
+        .when(|e| e.is_transient())
+        .notify(|e, d| tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "{what} failed; retrying"))
+        .await
+}
+
+/// What happened to one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// How it was settled.
+    pub settled: Settled,
+    /// Envelope id, when the message was an envelope.
+    pub id: Option<String>,
+    /// Task name, when the message was an envelope.
+    pub task: Option<String>,
+}
+
+/// Processes one delivery. `abort` is cancelled when the shutdown grace period is over.
+pub async fn process(ctx: &Ctx, delivery: Delivery, abort: CancellationToken) -> Report {
+    let (id, task) = match Envelope::decode(delivery.body()) {
+        Ok(e) => (Some(e.id), Some(e.task)),
+        Err(_) => (None, None),
+    };
+    let settled = process_inner(ctx, delivery, abort).await;
+    metrics::counter!(
+        "cronpipe_worker_tasks_total",
+        "task" => task.clone().unwrap_or_else(|| "(invalid)".into()),
+        "outcome" => settled.as_str()
+    )
+    .increment(1);
+    Report { settled, id, task }
+}
+
+async fn process_inner(ctx: &Ctx, delivery: Delivery, abort: CancellationToken) -> Settled {
+    let body = delivery.body();
+    if body.len() > ctx.max_message_bytes {
+        let error = format!(
+            "message is {} bytes, over worker.max_message_bytes = {}",
+            body.len(),
+            ctx.max_message_bytes
+        );
+        let record = dead_letter(
+            DeadReason::TooLarge,
+            error,
+            None,
+            Some(&body[..body.len().min(4096)]),
+            0,
+            &FailureDetail::default(),
+            &ctx.worker,
+        );
+        return settle_dead(ctx, delivery, record, None).await;
+    }
+    let env = match Envelope::decode(body) {
+        Ok(env) => env,
+        Err(e) => {
+            let reason = match &e {
+                EnvelopeError::NotJson(_) => DeadReason::InvalidJson,
+                EnvelopeError::UnsupportedVersion { .. } => DeadReason::UnsupportedVersion,
+                EnvelopeError::Invalid(_) => DeadReason::InvalidEnvelope,
+            };
+            let record = dead_letter(
+                reason,
+                e.to_string(),
+                None,
+                Some(body),
+                0,
+                &FailureDetail::default(),
+                &ctx.worker,
+            );
+            return settle_dead(ctx, delivery, record, None).await;
+        }
+    };
+    let span = tracing::info_span!("task", task_id = %env.id, task = %env.task);
+    process_envelope(ctx, delivery, env, abort)
+        .instrument(span)
+        .await
+}
+
+async fn process_envelope(
+    ctx: &Ctx,
+    delivery: Delivery,
+    env: Envelope,
+    abort: CancellationToken,
+) -> Settled {
+    let Some(handler) = ctx.registry.get(&env.task) else {
+        let known: Vec<&str> = ctx.registry.tasks().collect();
+        let error = format!(
+            "no handler for task `{}` (this worker handles: {})",
+            env.task,
+            known.join(", ")
+        );
+        let record = dead_letter(
+            DeadReason::UnknownTask,
+            error,
+            Some(env),
+            None,
+            0,
+            &FailureDetail::default(),
+            &ctx.worker,
+        );
+        return settle_dead(ctx, delivery, record, None).await;
+    };
+    let (timeout, policy) = (ctx.tasks)(&env.task);
+    let since = env.slot.unwrap_or(env.created_at);
+    metrics::histogram!("cronpipe_worker_consume_lag_seconds", "task" => env.task.clone()).record(
+        (Utc::now() - since)
+            .to_std()
+            .unwrap_or_default()
+            .as_secs_f64(),
+    );
+    let key = env.key().to_string();
+    let claim = with_redis_retry("Claiming the task", || {
+        ctx.store
+            .claim(&key, &ctx.worker, ctx.claim_ttl, ctx.done_ttl)
+    })
+    .await;
+    let attempt = match claim {
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot claim the task in Redis; returning it to the broker");
+            let _ = delivery.requeue().await;
+            return Settled::Returned;
+        }
+        Ok(Claim::Done) | Ok(Claim::Dead) => {
+            tracing::info!("Duplicate of a finished task; acked without running");
+            ack(delivery).await;
+            return Settled::Duplicate;
+        }
+        Ok(Claim::Busy { owner, ttl }) => {
+            // Neither run in parallel nor drop: look again once the claim could have ended.
+            let delay = ttl.clamp(Duration::from_millis(500), ctx.claim_ttl);
+            tracing::info!(owner = %owner, recheck_in_ms = delay.as_millis() as u64, "Task in progress elsewhere; deferred");
+            return match ctx.broker.publish_delayed(&env, delay).await {
+                Ok(()) => {
+                    ack(delivery).await;
+                    Settled::Deferred
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Could not defer; returning the message to the broker");
+                    let _ = delivery.requeue().await;
+                    Settled::Returned
+                }
+            };
+        }
+        Ok(Claim::Claimed { attempt }) => attempt,
+    };
+    if attempt > policy.max_attempts {
+        let error = format!(
+            "attempt {attempt} exceeds max_attempts = {} (earlier attempts crashed, timed out or were lost)",
+            policy.max_attempts
+        );
+        tracing::warn!(attempt, "Giving up: too many attempts");
+        let record = dead_letter(
+            DeadReason::MaxAttempts,
+            error,
+            Some(env),
+            None,
+            attempt - 1,
+            &FailureDetail::default(),
+            &ctx.worker,
+        );
+        return settle_dead(ctx, delivery, record, Some(&key)).await;
+    }
+
+    // Run, renewing the claim meanwhile.
+    let cancel = abort.child_token();
+    let task = Task {
+        envelope: env.clone(),
+        attempt,
+        worker: ctx.worker.clone(),
+        cancel: cancel.clone(),
+    };
+    let started = Instant::now();
+    metrics::gauge!("cronpipe_worker_in_flight").increment(1.0);
+    let renewer = tokio::spawn(renew_claim(
+        ctx.store.clone(),
+        key.clone(),
+        ctx.worker.clone(),
+        ctx.claim_ttl,
+        cancel.clone(),
+    ));
+    let mut running = tokio::spawn(handler.handle(task));
+    let result: Result<(), TaskError> = tokio::select! {
+        joined = &mut running => match joined {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => Err(TaskError::retryable(format!("handler panicked: {}", panic_text(e)))),
+            Err(e) => Err(TaskError::retryable(format!("handler task failed: {e}"))),
+        },
+        _ = tokio::time::sleep(timeout) => {
+            cancel.cancel();
+            // Let the handler clean up (exec kills its process group), briefly.
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
+            running.abort();
+            Err(TaskError::retryable(format!("timed out after {}", humantime::format_duration(timeout))))
+        }
+        _ = abort.cancelled() => {
+            cancel.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
+            running.abort();
+            renewer.abort();
+            metrics::gauge!("cronpipe_worker_in_flight").decrement(1.0);
+            // Shutdown grace is over: give the claim back so another worker can
+            // take the redelivered message at once; leave the delivery unacked.
+            let _ = ctx.store.finish(&key, &ctx.worker, Outcome::Release, ctx.done_ttl).await;
+            tracing::warn!(attempt, "Interrupted by shutdown; claim released, message left for redelivery");
+            drop(delivery);
+            return Settled::Returned;
+        }
+    };
+    cancel.cancel();
+    renewer.abort();
+    metrics::gauge!("cronpipe_worker_in_flight").decrement(1.0);
+    let elapsed = started.elapsed();
+    metrics::histogram!("cronpipe_worker_task_duration_seconds", "task" => env.task.clone())
+        .record(elapsed.as_secs_f64());
+
+    match result {
+        Ok(()) => {
+            if let Err(e) = with_redis_retry("Recording success", || {
+                ctx.store
+                    .finish(&key, &ctx.worker, Outcome::Done, ctx.done_ttl)
+            })
+            .await
+            {
+                tracing::error!(error = %e, "Could not record success in Redis; acking anyway (a redelivery could run it again)");
+            }
+            tracing::info!(
+                attempt,
+                duration_ms = elapsed.as_millis() as u64,
+                "Task succeeded"
+            );
+            ack(delivery).await;
+            Settled::Success
+        }
+        Err(TaskError::Retryable {
+            message,
+            retry_after,
+            detail,
+        }) if attempt < policy.max_attempts => {
+            let delay = retry_after
+                .unwrap_or_else(|| retry_delay(&policy, attempt, rand::random::<f64>()))
+                .min(Duration::from_secs(7 * 24 * 3600));
+            let mut next = env.clone();
+            next.attempt = attempt + 1;
+            tracing::warn!(attempt, error = %message, output_tail = %detail.output_tail, retry_in_ms = delay.as_millis() as u64, "Task failed; retry queued");
+            // The retry copy must be confirmed before the original is acked.
+            match ctx.broker.publish_delayed(&next, delay).await {
+                Ok(()) => {
+                    let _ = with_redis_retry("Releasing the claim", || {
+                        ctx.store
+                            .finish(&key, &ctx.worker, Outcome::Release, ctx.done_ttl)
+                    })
+                    .await;
+                    ack(delivery).await;
+                    Settled::Retry
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Could not queue the retry copy; returning the message to the broker");
+                    let _ = ctx
+                        .store
+                        .finish(&key, &ctx.worker, Outcome::Release, ctx.done_ttl)
+                        .await;
+                    let _ = delivery.requeue().await;
+                    Settled::Returned
+                }
+            }
+        }
+        Err(err) => {
+            let (reason, what) = match &err {
+                TaskError::Permanent { .. } => (DeadReason::PermanentError, "permanent error"),
+                TaskError::Retryable { .. } => (DeadReason::MaxAttempts, "out of attempts"),
+            };
+            tracing::warn!(attempt, error = %err, output_tail = %err.detail().output_tail, "Task failed ({what}); dead-lettering");
+            let record = dead_letter(
+                reason,
+                err.to_string(),
+                Some(env),
+                None,
+                attempt,
+                err.detail(),
+                &ctx.worker,
+            );
+            settle_dead(ctx, delivery, record, Some(&key)).await
+        }
+    }
+}
+
+fn panic_text(e: tokio::task::JoinError) -> String {
+    let p = e.into_panic();
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".into()
+    }
+}
+
+async fn renew_claim(
+    store: Store,
+    key: String,
+    worker: String,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    let every = ttl / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match store.renew_claim(&key, &worker, ttl).await {
+            Ok(true) => metrics::counter!("cronpipe_worker_claim_renewals_total", "result" => "ok")
+                .increment(1),
+            Ok(false) => {
+                metrics::counter!("cronpipe_worker_claim_renewals_total", "result" => "lost")
+                    .increment(1);
+                tracing::warn!(
+                    "Claim lost while running (it expired); another worker may run this task"
+                );
+                return;
+            }
+            Err(e) => {
+                metrics::counter!("cronpipe_worker_claim_renewals_total", "result" => "error")
+                    .increment(1);
+                tracing::warn!(error = %e, "Claim renewal failed; retrying");
+            }
+        }
+    }
+}
+
+async fn ack(delivery: Delivery) {
+    if let Err(e) = delivery.ack().await {
+        // The broker redelivers; the idempotency record makes that harmless.
+        tracing::warn!(error = %e, "Ack failed; the message will be redelivered and skipped as a duplicate");
+    }
+}
+
+async fn settle_dead(
+    ctx: &Ctx,
+    delivery: Delivery,
+    record: DeadLetter,
+    key: Option<&str>,
+) -> Settled {
+    tracing::warn!(reason = record.reason.as_str(), error = %record.error, "Dead-lettering");
+    // The dead letter must be confirmed before the original is acked.
+    match ctx.broker.publish_dead_letter(&record).await {
+        Ok(()) => {
+            if let Some(key) = key {
+                if let Err(e) = with_redis_retry("Recording the dead letter", || {
+                    ctx.store
+                        .finish(key, &ctx.worker, Outcome::Dead, ctx.done_ttl)
+                })
+                .await
+                {
+                    tracing::error!(error = %e, "Could not record the dead letter in Redis");
+                }
+            }
+            ack(delivery).await;
+            Settled::DeadLetter
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Could not publish the dead letter; returning the message to the broker");
+            if let Some(key) = key {
+                let _ = ctx
+                    .store
+                    .finish(key, &ctx.worker, Outcome::Release, ctx.done_ttl)
+                    .await;
+            }
+            let _ = delivery.requeue().await;
+            Settled::Returned
+        }
+    }
+}
