@@ -33,6 +33,35 @@ pub enum ProducerError {
     Store(#[from] cronpipe_shared::store::StoreError),
 }
 
+/// Live state of a producer, for `/readyz` and status output.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// Whether this process leads now.
+    pub leader: std::sync::atomic::AtomicBool,
+    /// Fencing token of the current or last leadership.
+    pub token: std::sync::atomic::AtomicU64,
+}
+
+impl Status {
+    /// Role fields for `/readyz`.
+    pub fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        use std::sync::atomic::Ordering;
+        let mut m = serde_json::Map::new();
+        let leader = self.leader.load(Ordering::Relaxed);
+        m.insert(
+            "role".into(),
+            if leader { "leader" } else { "standby" }.into(),
+        );
+        if leader {
+            m.insert(
+                "fencing_token".into(),
+                self.token.load(Ordering::Relaxed).into(),
+            );
+        }
+        m
+    }
+}
+
 /// Producer settings.
 #[derive(Clone)]
 pub struct Options {
@@ -44,6 +73,8 @@ pub struct Options {
     pub misfire_threshold: Duration,
     /// Wall clock.
     pub clock: Arc<dyn Clock>,
+    /// Live state (leader or standby).
+    pub status: Arc<Status>,
 }
 
 impl Options {
@@ -58,6 +89,7 @@ impl Options {
             lease_ttl: config.producer.lease_ttl.get(),
             misfire_threshold: config.producer.misfire_threshold.get(),
             clock: Arc::new(clock::SystemClock),
+            status: Arc::new(Status::default()),
         }
     }
 }
@@ -135,6 +167,12 @@ pub async fn run(
         };
         tracing::info!(token = lease.token, instance = %opts.instance_id, "Became leader");
         metrics::gauge!("cronpipe_producer_leader").set(1.0);
+        opts.status
+            .token
+            .store(lease.token, std::sync::atomic::Ordering::Relaxed);
+        opts.status
+            .leader
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("cronpipe_producer_leaderships_total").increment(1);
         let stop_renewal = CancellationToken::new();
         let renewal = tokio::spawn(leader::keep(
@@ -155,6 +193,9 @@ pub async fn run(
         stop_renewal.cancel();
         let _ = renewal.await;
         metrics::gauge!("cronpipe_producer_leader").set(0.0);
+        opts.status
+            .leader
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         match exit {
             scheduler::Exit::Shutdown => {
                 leader::release(&store, &lease).await;

@@ -125,16 +125,17 @@ fn next(
         Ok(z) => z,
         Err(e) => return fail(format!("--tz: {e}")),
     };
-    let from: DateTime<Utc> =
-        match from {
-            None => Utc::now(),
-            Some(f) => match DateTime::parse_from_rfc3339(f) {
-                Ok(t) => t.with_timezone(&Utc),
-                Err(e) => return fail(format!(
+    let from: DateTime<Utc> = match from {
+        None => Utc::now(),
+        Some(f) => match DateTime::parse_from_rfc3339(f) {
+            Ok(t) => t.with_timezone(&Utc),
+            Err(e) => {
+                return fail(format!(
                     "--from `{f}`: {e}; expected an RFC 3339 instant such as 2026-01-01T00:00:00Z"
-                )),
-            },
-        };
+                ))
+            }
+        },
+    };
     let trimmed = expr.trim();
     let built = if trimmed.starts_with('R') && trimmed.contains('/') {
         schedule::parse_iso_repeat(trimmed).map(Schedule::Iso)
@@ -181,12 +182,22 @@ async fn async_run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     spawn_signals(shutdown.clone(), path.clone(), tx)?;
     let opts = cronpipe_producer::Options::from_config(&config);
     tracing::info!(instance = %opts.instance_id, config = %path.display(), schedules = config.schedules.len(), "Producer starting");
+    let conns: cronpipe_shared::ops::Connections = Default::default();
+    if let Some(addr) = config.producer.http_addr {
+        let status = opts.status.clone();
+        let ready =
+            cronpipe_shared::ops::readiness(conns.clone(), Some(Arc::new(move || status.fields())));
+        cronpipe_shared::ops::serve(addr, ready, None, shutdown.clone())
+            .await
+            .with_context(|| format!("serving producer.http_addr = {addr}"))?;
+    }
     let Some((store, broker)) = cronpipe_producer::connect(&config, &opts.instance_id, &shutdown)
         .await
         .context("connecting")?
     else {
         return Ok(());
     };
+    let _ = conns.set((store.clone(), broker.clone()));
     cronpipe_producer::run(opts, store, broker, rx, shutdown)
         .await
         .context("producer stopped")?;

@@ -132,6 +132,8 @@ pub struct ProducerConfig {
     /// A slot published later than this after its instant counts as missed and
     /// goes through the schedule's misfire policy.
     pub misfire_threshold: Dur,
+    /// Address of `/metrics`, `/healthz`, `/readyz`, e.g. `"0.0.0.0:9464"`; unset = off.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for ProducerConfig {
@@ -140,6 +142,7 @@ impl Default for ProducerConfig {
             instance_id: None,
             lease_ttl: Dur::secs(5),
             misfire_threshold: Dur::secs(1),
+            http_addr: None,
         }
     }
 }
@@ -166,6 +169,8 @@ pub struct WorkerConfig {
     pub output_tail_bytes: usize,
     /// Default retry policy for tasks.
     pub retry: RetryPolicy,
+    /// Address of `/metrics`, `/healthz`, `/readyz`, e.g. `"0.0.0.0:9465"`; unset = off.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for WorkerConfig {
@@ -180,6 +185,7 @@ impl Default for WorkerConfig {
             max_message_bytes: 1024 * 1024,
             output_tail_bytes: 4096,
             retry: RetryPolicy::default(),
+            http_addr: None,
         }
     }
 }
@@ -353,13 +359,23 @@ pub enum HandlerKind {
     Exec,
     /// A handler registered in Rust through the worker library.
     Rust,
+    /// An HTTP call fixed in config; the payload is the request body.
+    Http,
 }
+
+/// HTTP methods an `http` handler may use.
+pub const HTTP_METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
+
+/// RabbitMQ's default `consumer_timeout`: a delivery held unacked longer than
+/// this makes the broker close the consumer's channel.
+pub const RABBITMQ_DEFAULT_CONSUMER_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_secs(30 * 60);
 
 /// `[task.NAME]`: how a worker runs a task.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskConfig {
-    /// `exec` or `rust`.
+    /// `exec`, `http` or `rust`.
     pub handler: HandlerKind,
     /// For `exec`: the program and its arguments. A message can never change them.
     #[serde(default)]
@@ -373,6 +389,19 @@ pub struct TaskConfig {
     /// For `exec`: exit codes that mean "do not retry".
     #[serde(default)]
     pub permanent_exit_codes: Vec<i32>,
+    /// For `http`: the URL called (`http://` or `https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// For `http`: the method; default `POST`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// For `http`: request headers. A message can never change them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Most attempts of this task running at once in one worker; default no
+    /// limit beyond `[worker].concurrency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u16>,
     /// Time limit of one attempt; default `[worker].default_timeout`.
     #[serde(default)]
     pub timeout: Option<Dur>,
@@ -645,6 +674,32 @@ impl Config {
                     NAME_RULE.into(),
                 );
             }
+            let exec_only = !t.command.is_empty()
+                || !t.env.is_empty()
+                || t.workdir.is_some()
+                || !t.permanent_exit_codes.is_empty();
+            let http_only = t.url.is_some() || t.method.is_some() || !t.headers.is_empty();
+            if t.handler != HandlerKind::Exec && exec_only {
+                push(
+                    task_key(name, "handler"),
+                    quoted(t.handler.as_str()),
+                    "command, env, workdir and permanent_exit_codes apply only to handler = \"exec\"".into(),
+                );
+            }
+            if t.handler != HandlerKind::Http && http_only {
+                push(
+                    task_key(name, "handler"),
+                    quoted(t.handler.as_str()),
+                    "url, method and headers apply only to handler = \"http\"".into(),
+                );
+            }
+            if t.concurrency == Some(0) {
+                push(
+                    task_key(name, "concurrency"),
+                    Some("0".into()),
+                    "expected at least 1 (leave it out for no per-task limit)".into(),
+                );
+            }
             match t.handler {
                 HandlerKind::Exec => {
                     if t.command.is_empty() || t.command[0].is_empty() {
@@ -664,15 +719,8 @@ impl Config {
                         }
                     }
                 }
-                HandlerKind::Rust => {
-                    if !t.command.is_empty() || !t.env.is_empty() || t.workdir.is_some() {
-                        push(
-                            task_key(name, "handler"),
-                            quoted("rust"),
-                            "command, env and workdir apply only to handler = \"exec\"".into(),
-                        );
-                    }
-                }
+                HandlerKind::Rust => {}
+                HandlerKind::Http => validate_http(name, t, &mut push),
             }
             if let Some(timeout) = t.timeout {
                 if timeout.get().is_zero() {
@@ -707,6 +755,44 @@ impl Config {
             .get()
     }
 
+    /// Advisories that do not stop the config from loading: task timeouts at
+    /// or above RabbitMQ's default `consumer_timeout` (the broker would close
+    /// the channel of a worker still holding such a task's delivery).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.broker.kind != BrokerKind::Rabbitmq {
+            return out;
+        }
+        let limit = RABBITMQ_DEFAULT_CONSUMER_TIMEOUT;
+        let explain = "RabbitMQ's default consumer_timeout is 30m: a delivery held unacked that long makes \
+             the broker close the worker's channel, so this task's message and every other in-flight \
+             delivery on it are redelivered while the task still runs (the claim keeps it from running \
+             twice, but the acks are lost); keep task timeouts below the broker's consumer_timeout, or \
+             raise consumer_timeout on the broker";
+        if self.worker.default_timeout.get() >= limit
+            && self.tasks.values().any(|t| t.timeout.is_none())
+        {
+            out.push(format!(
+                "warning: worker.default_timeout = \"{}\" (used by tasks without their own timeout) is at or above {explain}",
+                self.worker.default_timeout
+            ));
+        }
+        for (name, t) in &self.tasks {
+            if let Some(timeout) = t.timeout.filter(|d| d.get() >= limit) {
+                out.push(format!(
+                    "warning: {} = \"{timeout}\" is at or above {explain}",
+                    task_key(name, "timeout")
+                ));
+            }
+        }
+        out
+    }
+
+    /// The per-task concurrency limit of `task`, if it has one.
+    pub fn task_concurrency(&self, task: &str) -> Option<u16> {
+        self.tasks.get(task).and_then(|t| t.concurrency)
+    }
+
     /// The retry policy of `task`.
     pub fn retry_policy(&self, task: &str) -> RetryPolicy {
         self.tasks
@@ -724,6 +810,79 @@ pub fn valid_name(s: &str) -> bool {
         && s.len() <= 200
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+}
+
+impl HandlerKind {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerKind::Exec => "exec",
+            HandlerKind::Rust => "rust",
+            HandlerKind::Http => "http",
+        }
+    }
+}
+
+/// Rules of `handler = "http"` tasks: a usable http(s) URL, a known method,
+/// header names and values HTTP can carry.
+fn validate_http(
+    name: &str,
+    t: &TaskConfig,
+    push: &mut impl FnMut(String, Option<String>, String),
+) {
+    match &t.url {
+        None => push(
+            task_key(name, "url"),
+            None,
+            "an http handler needs a URL, e.g. url = \"https://example.com/hook\"".into(),
+        ),
+        Some(url) => {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or_default());
+            let usable = host.is_some_and(|h| {
+                !h.is_empty() && !h.starts_with(':') && !h.chars().any(char::is_whitespace)
+            }) && !url.chars().any(char::is_whitespace);
+            if !usable {
+                push(
+                    task_key(name, "url"),
+                    quoted(url),
+                    "expected an absolute URL starting with http:// or https:// and naming a host"
+                        .into(),
+                );
+            }
+        }
+    }
+    if let Some(method) = &t.method {
+        if !HTTP_METHODS.contains(&method.as_str()) {
+            push(
+                task_key(name, "method"),
+                quoted(method),
+                format!("expected one of {}", HTTP_METHODS.join(", ")),
+            );
+        }
+    }
+    for (header, value) in &t.headers {
+        let name_ok = !header.is_empty()
+            && header
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        if !name_ok {
+            push(
+                format!("{}.{header}", task_key(name, "headers")),
+                None,
+                "expected a header name of letters, digits and !#$%&'*+-.^_`|~".into(),
+            );
+        }
+        if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            push(
+                format!("{}.{header}", task_key(name, "headers")),
+                quoted(value),
+                "expected a header value without line breaks".into(),
+            );
+        }
+    }
 }
 
 fn validate_retry(

@@ -10,6 +10,7 @@
 //! - [`deadletter`]: the dead-letter record.
 //! - [`backoff`]: retry delays for failed tasks.
 //! - [`telemetry`]: logging setup.
+//! - [`ops`]: the `/metrics`, `/healthz` and `/readyz` HTTP endpoint.
 
 pub mod backoff;
 pub mod broker;
@@ -18,6 +19,7 @@ pub mod deadletter;
 pub mod duration;
 pub mod envelope;
 pub mod keys;
+pub mod ops;
 pub mod schedule;
 pub mod store;
 pub mod telemetry;

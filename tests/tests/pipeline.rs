@@ -20,10 +20,15 @@ fn producer_opts(id: &str, ttl: Duration) -> cronpipe_producer::Options {
         lease_ttl: ttl,
         misfire_threshold: Duration::from_secs(1),
         clock: Arc::new(SystemClock),
+        status: Default::default(),
     }
 }
 
-fn spawn_producer(env: &TestEnv, config: &cronpipe_shared::Config, id: &str) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+fn spawn_producer(
+    env: &TestEnv,
+    config: &cronpipe_shared::Config,
+    id: &str,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let stop = CancellationToken::new();
     let (_tx, rx) = watch::channel(Arc::new(config.built_schedules().expect("schedules")));
     let store = env.store.clone();
@@ -32,21 +37,33 @@ fn spawn_producer(env: &TestEnv, config: &cronpipe_shared::Config, id: &str) -> 
     let s = stop.clone();
     let name = id.to_string();
     let handle = tokio::spawn(async move {
-        let broker = cronpipe_shared::Broker::connect(&cfg, &name).await.expect("broker");
+        let broker = cronpipe_shared::Broker::connect(&cfg, &name)
+            .await
+            .expect("broker");
         let _keep = _tx;
-        cronpipe_producer::run(opts, store, broker, rx, s).await.expect("producer run");
+        cronpipe_producer::run(opts, store, broker, rx, s)
+            .await
+            .expect("producer run");
     });
     (stop, handle)
 }
 
 fn slots_of(envs: &[cronpipe_shared::Envelope]) -> Vec<DateTime<Utc>> {
-    envs.iter().map(|e| e.slot.expect("scheduled message has a slot")).collect()
+    envs.iter()
+        .map(|e| e.slot.expect("scheduled message has a slot"))
+        .collect()
 }
 
 fn assert_contiguous_seconds(slots: &BTreeSet<DateTime<Utc>>) {
     let v: Vec<_> = slots.iter().collect();
     for w in v.windows(2) {
-        assert_eq!(*w[1] - *w[0], chrono::Duration::seconds(1), "gap or overlap between {} and {}", w[0], w[1]);
+        assert_eq!(
+            *w[1] - *w[0],
+            chrono::Duration::seconds(1),
+            "gap or overlap between {} and {}",
+            w[0],
+            w[1]
+        );
     }
 }
 
@@ -71,13 +88,25 @@ async fn every_second_schedule_publishes_each_slot_once_and_runs_it_once() {
     let envs = env.drain_envelopes().await;
     let slots = slots_of(&envs);
     let distinct: BTreeSet<_> = slots.iter().copied().collect();
-    assert!(distinct.len() >= 5, "expected at least 5 slots in 5.5 s, got {}", distinct.len());
-    assert_eq!(distinct.len(), slots.len(), "a slot was published twice: {slots:?}");
+    assert!(
+        distinct.len() >= 5,
+        "expected at least 5 slots in 5.5 s, got {}",
+        distinct.len()
+    );
+    assert_eq!(
+        distinct.len(),
+        slots.len(),
+        "a slot was published twice: {slots:?}"
+    );
     assert_contiguous_seconds(&distinct);
     let ids: HashSet<_> = envs.iter().map(|e| e.id.clone()).collect();
     assert_eq!(ids.len(), envs.len(), "ids must be unique per slot");
     for e in &envs {
-        assert_eq!(e.id, cronpipe_shared::envelope::slot_id("tick", e.slot.unwrap()), "deterministic id");
+        assert_eq!(
+            e.id,
+            cronpipe_shared::envelope::slot_id("tick", e.slot.unwrap()),
+            "deterministic id"
+        );
         assert_eq!(e.task, "count");
         assert_eq!(e.fencing_token, Some(1));
     }
@@ -90,24 +119,51 @@ async fn every_second_schedule_publishes_each_slot_once_and_runs_it_once() {
     let mut opts = cronpipe_worker::Options::from_config(config.clone());
     opts.instance_id = "w1".into();
     opts.reports = Some(tx);
-    let registry = cronpipe_worker::registry_from_config(&config, Registry::new()).expect("registry");
+    let registry =
+        cronpipe_worker::registry_from_config(&config, Registry::new()).expect("registry");
     let wstop = CancellationToken::new();
-    let wh = tokio::spawn(cronpipe_worker::run(opts, env.store.clone(), env.broker.clone(), registry, wstop.clone()));
+    let wh = tokio::spawn(cronpipe_worker::run(
+        opts,
+        env.store.clone(),
+        env.broker.clone(),
+        registry,
+        wstop.clone(),
+    ));
     let mut outcomes = Vec::new();
     while outcomes.len() < envs.len() * 2 {
-        let r = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("worker reports").expect("open");
+        let r = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("worker reports")
+            .expect("open");
         outcomes.push(r.settled);
     }
     wstop.cancel();
     wh.await.expect("join").expect("worker run");
     let runs = env.runs();
-    let ran: Vec<&str> = runs.iter().map(|l| l.split(' ').next().unwrap_or("")).collect();
+    let ran: Vec<&str> = runs
+        .iter()
+        .map(|l| l.split(' ').next().unwrap_or(""))
+        .collect();
     let ran_set: HashSet<&str> = ran.iter().copied().collect();
-    assert_eq!(ran.len(), envs.len(), "each slot runs exactly once: {runs:?}");
+    assert_eq!(
+        ran.len(),
+        envs.len(),
+        "each slot runs exactly once: {runs:?}"
+    );
     assert_eq!(ran_set.len(), envs.len());
-    assert_eq!(outcomes.iter().filter(|s| **s == Settled::Success).count(), envs.len());
-    let skipped = outcomes.iter().filter(|s| matches!(s, Settled::Duplicate | Settled::Deferred)).count();
-    assert_eq!(skipped, envs.len(), "every duplicate was skipped or deferred, none ran");
+    assert_eq!(
+        outcomes.iter().filter(|s| **s == Settled::Success).count(),
+        envs.len()
+    );
+    let skipped = outcomes
+        .iter()
+        .filter(|s| matches!(s, Settled::Duplicate | Settled::Deferred))
+        .count();
+    assert_eq!(
+        skipped,
+        envs.len(),
+        "every duplicate was skipped or deferred, none ran"
+    );
     env.cleanup().await;
 }
 
@@ -121,13 +177,22 @@ async fn two_producers_started_together_only_one_publishes() {
     let (s1, h1) = spawn_producer(&env, &config, "pa");
     let (s2, h2) = spawn_producer(&env, &config, "pb");
     let started = Instant::now();
-    assert!(wait_until(Duration::from_secs(10), || async { started.elapsed() >= Duration::from_millis(4200) }).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            started.elapsed() >= Duration::from_millis(4200)
+        })
+        .await
+    );
     s1.cancel();
     s2.cancel();
     h1.await.expect("p1");
     h2.await.expect("p2");
     let envs = env.drain_envelopes().await;
-    assert!(envs.len() >= 3, "the leader published ({} messages)", envs.len());
+    assert!(
+        envs.len() >= 3,
+        "the leader published ({} messages)",
+        envs.len()
+    );
     let tokens: HashSet<_> = envs.iter().map(|e| e.fencing_token).collect();
     assert_eq!(tokens.len(), 1, "one leader, one fencing token: {tokens:?}");
     let slots = slots_of(&envs);
@@ -138,10 +203,21 @@ async fn two_producers_started_together_only_one_publishes() {
 }
 
 /// Polls the lease value until `pred` holds; returns it.
-async fn holder_within(env: &TestEnv, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+async fn holder_within(
+    env: &TestEnv,
+    limit: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Option<String> {
     let end = Instant::now() + limit;
     loop {
-        let v = env.store.lease_holder().await.ok().flatten().map(|(v, _)| v).unwrap_or_default();
+        let v = env
+            .store
+            .lease_holder()
+            .await
+            .ok()
+            .flatten()
+            .map(|(v, _)| v)
+            .unwrap_or_default();
         if pred(&v) {
             return Some(v);
         }
@@ -157,7 +233,9 @@ fn lease_holder_instance(value: &str) -> String {
     let mut parts = value.splitn(2, ':');
     let _token = parts.next();
     let rest = parts.next().unwrap_or("");
-    rest.rsplit_once(':').map(|(i, _)| i.to_string()).unwrap_or_default()
+    rest.rsplit_once(':')
+        .map(|(i, _)| i.to_string())
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,26 +248,62 @@ async fn sigterm_on_the_leader_hands_over_to_the_standby_quickly() {
             env.exec_task("count", "")
         ),
     );
-    let a = Proc::start("producer", &cfg, &[("CRONPIPE__PRODUCER__INSTANCE_ID", "pa")], env.dir.path(), "pa");
+    let a = Proc::start(
+        "producer",
+        &cfg,
+        &[("CRONPIPE__PRODUCER__INSTANCE_ID", "pa")],
+        env.dir.path(),
+        "pa",
+    );
     let first = holder_within(&env, Duration::from_secs(10), |h| !h.is_empty()).await;
     assert!(first.is_some(), "a leader within 10 s");
-    let b = Proc::start("producer", &cfg, &[("CRONPIPE__PRODUCER__INSTANCE_ID", "pb")], env.dir.path(), "pb");
+    let b = Proc::start(
+        "producer",
+        &cfg,
+        &[("CRONPIPE__PRODUCER__INSTANCE_ID", "pb")],
+        env.dir.path(),
+        "pb",
+    );
     // Wait until the standby is up (it logs that it stands by).
-    assert!(wait_until(Duration::from_secs(10), || async { b.log_text().contains("Standing by") }).await, "{}", b.log_text());
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            b.log_text().contains("Standing by")
+        })
+        .await,
+        "{}",
+        b.log_text()
+    );
     let (mut leader, standby) = (a, "pb");
     assert_eq!(lease_holder_instance(&first.unwrap_or_default()), "pa");
     let t0 = Instant::now();
     leader.signal(Signal::SIGTERM);
-    let holder = holder_within(&env, Duration::from_secs(5), |h| lease_holder_instance(h) == standby).await;
+    let holder = holder_within(&env, Duration::from_secs(5), |h| {
+        lease_holder_instance(h) == standby
+    })
+    .await;
     let gap = t0.elapsed();
-    assert!(holder.is_some(), "standby never took over\n{}", leader.log_text());
+    assert!(
+        holder.is_some(),
+        "standby never took over\n{}",
+        leader.log_text()
+    );
     assert!(gap <= Duration::from_secs(2), "takeover took {gap:?}");
-    assert!(leader.wait_exit(Duration::from_secs(5)), "leader exits after SIGTERM");
-    assert!(leader.log_text().contains("Released the leader lease"), "{}", leader.log_text());
+    assert!(
+        leader.wait_exit(Duration::from_secs(5)),
+        "leader exits after SIGTERM"
+    );
+    assert!(
+        leader.log_text().contains("Released the leader lease"),
+        "{}",
+        leader.log_text()
+    );
     // The new leader publishes under a higher fencing token.
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            env.drain_envelopes().await.iter().any(|e| e.fencing_token == Some(2))
+            env.drain_envelopes()
+                .await
+                .iter()
+                .any(|e| e.fencing_token == Some(2))
         })
         .await
     );

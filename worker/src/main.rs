@@ -71,6 +71,9 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         eprintln!("{}: {e}", path.display());
         return Ok(ExitCode::from(2));
     }
+    for warning in config.warnings() {
+        println!("{}: {warning}", path.display());
+    }
     println!(
         "{}: ok ({} task handler{})",
         path.display(),
@@ -97,6 +100,9 @@ fn run(path: &Path) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         spawn_signals(shutdown.clone())?;
+        for warning in config.warnings() {
+            tracing::warn!(config = %path.display(), "{warning}");
+        }
         let opts = cronpipe_worker::Options::from_config(config);
         tracing::info!(worker = %opts.instance_id, config = %path.display(), "Worker starting");
         let Some((store, broker)) =
