@@ -14,6 +14,9 @@ use tokio::process::Command;
 
 use crate::handler::{FailureDetail, Handler, Task, TaskError};
 
+/// How long output is still read after the program exited and its group was killed.
+const PIPE_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// An `exec` task definition.
 #[derive(Debug, Clone)]
 pub struct ExecHandler {
@@ -123,37 +126,42 @@ impl ExecHandler {
         })?;
         let mut guard = GroupGuard(child.id().and_then(|p| i32::try_from(p).ok()));
         let payload = serde_json::to_vec(&env.payload).unwrap_or_default();
-        let stdin = child.stdin.take();
-        let feed = async move {
-            if let Some(mut stdin) = stdin {
+        // Feeding stdin and reading the output run beside the wait, so a chatty
+        // program never blocks on a full pipe; they are not part of "done":
+        // a background child left holding the pipes must not keep the task open.
+        if let Some(mut stdin) = child.stdin.take() {
+            tokio::spawn(async move {
                 // A program that does not read stdin closes it early; that is fine.
                 let _ = stdin.write_all(&payload).await;
                 let _ = stdin.shutdown().await;
-            }
-        };
+            });
+        }
         let cap = self.tail_bytes;
-        let out = child.stdout.take();
-        let err = child.stderr.take();
-        let read_out = async move {
-            match out {
-                Some(o) => tail(o, cap).await,
+        let read_out = child.stdout.take().map(|o| tokio::spawn(tail(o, cap)));
+        let read_err = child.stderr.take().map(|e| tokio::spawn(tail(e, cap)));
+        let collect = |h: Option<tokio::task::JoinHandle<Vec<u8>>>| async move {
+            match h {
+                // Once the group is killed the pipes close; the bound covers
+                // children that left the group (setsid) and still hold them.
+                Some(h) => match tokio::time::timeout(PIPE_DRAIN, h).await {
+                    Ok(Ok(v)) => v,
+                    _ => Vec::new(),
+                },
                 None => Vec::new(),
             }
         };
-        let read_err = async move {
-            match err {
-                Some(e) => tail(e, cap).await,
-                None => Vec::new(),
-            }
-        };
+        let pgid = guard.0;
         let wait = async {
-            let (_, o, e, status) = tokio::join!(feed, read_out, read_err, child.wait());
+            let status = child.wait().await;
+            // The main process exited; anything it left in its group goes too.
+            if let Some(pgid) = pgid {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+            let (o, e) = tokio::join!(collect(read_out), collect(read_err));
             (o, e, status)
         };
         tokio::select! {
             (o, e, status) = wait => {
-                // The main process exited; anything it left in its group goes too.
-                guard.kill();
                 let output_tail = joined_tail(&o, &e, cap);
                 let status = status.map_err(|e| TaskError::retryable(format!("waiting for `{program}`: {e}")))?;
                 match status.code() {

@@ -3,11 +3,15 @@
 //!
 //! - [`handler`]: the handler API (`Task`, `TaskError`, `Registry`).
 //! - [`exec`]: the built-in `exec` handler.
-//! - [`process`]: one delivery from claim to ack.
+//! - [`http`]: the built-in `http` handler.
+//! - [`examples_support`]: the handler of `examples/custom_handler.rs`, shared with its test.
+//! - [`process`]: one delivery from claim to ack, and per-task concurrency limits.
 //! - [`run`]: the consume loop with bounded concurrency and graceful shutdown.
 
+pub mod examples_support;
 pub mod exec;
 pub mod handler;
+pub mod http;
 pub mod process;
 
 use std::sync::Arc;
@@ -28,6 +32,9 @@ pub enum WorkerError {
     /// A task in config uses `handler = "rust"` but no Rust handler was registered for it.
     #[error("task `{0}` is configured with handler = \"rust\" but this worker binary registers no handler for it")]
     MissingRustHandler(String),
+    /// A task with `handler = "http"` cannot be set up.
+    #[error("task `{0}`: {1}")]
+    HttpSetup(String, http::HttpSetupError),
     /// The broker failed in a way that retrying will not fix, or the consumer ended.
     #[error(transparent)]
     Broker(#[from] BrokerError),
@@ -62,14 +69,36 @@ impl Options {
     }
 }
 
-/// Adds an `exec` handler for every `handler = "exec"` task in config to
-/// `registry`, and checks every `handler = "rust"` task is registered.
+/// Adds an `exec` or `http` handler for every `handler = "exec"` or
+/// `handler = "http"` task in config to `registry`, and checks every
+/// `handler = "rust"` task is registered.
 pub fn registry_from_config(
     config: &Config,
     mut registry: Registry,
 ) -> Result<Registry, WorkerError> {
+    let mut client = None;
     for (name, task) in &config.tasks {
         match task.handler {
+            HandlerKind::Http => {
+                let setup = |e| WorkerError::HttpSetup(name.clone(), e);
+                let c = match &client {
+                    Some(c) => Clone::clone(c),
+                    None => {
+                        let c = http::client().map_err(setup)?;
+                        client = Some(c.clone());
+                        c
+                    }
+                };
+                let handler = http::HttpHandler::new(
+                    c,
+                    task.url.as_deref().unwrap_or_default(),
+                    task.method.as_deref(),
+                    &task.headers,
+                    config.worker.output_tail_bytes,
+                )
+                .map_err(setup)?;
+                registry = registry.register(name.clone(), handler);
+            }
             HandlerKind::Exec => {
                 registry = registry.register(
                     name.clone(),
@@ -165,6 +194,13 @@ pub async fn run(
         tasks: Arc::new(move |task: &str| {
             (task_cfg.task_timeout(task), task_cfg.retry_policy(task))
         }),
+        limits: process::TaskLimits::new(
+            cfg.tasks
+                .iter()
+                .filter_map(|(name, t)| t.concurrency.map(|n| (name.clone(), n))),
+            concurrency,
+        ),
+        stopping: shutdown.clone(),
     });
     let tag = format!("{}-{:08x}", opts.instance_id, rand::random::<u32>());
     let mut consumer = broker.consume(cfg.worker.concurrency.max(1), &tag).await?;

@@ -3,6 +3,8 @@
 //! Nothing is acked before its outcome is durable, and nothing is dropped: a
 //! message that cannot run goes to the dead-letter queue with its reason.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,8 @@ use cronpipe_shared::deadletter::{DeadLetter, DeadReason};
 use cronpipe_shared::envelope::EnvelopeError;
 use cronpipe_shared::store::{Claim, Outcome};
 use cronpipe_shared::{Broker, Delivery, Envelope, Store};
+use futures::FutureExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -34,8 +38,12 @@ pub struct Ctx {
     pub done_ttl: Duration,
     /// Largest accepted body.
     pub max_message_bytes: usize,
-    /// Per-task settings.
+    /// Per-task settings: timeout of one attempt and retry policy.
     pub tasks: Arc<dyn Fn(&str) -> (Duration, RetryPolicy) + Send + Sync>,
+    /// Per-task concurrency limits.
+    pub limits: TaskLimits,
+    /// Cancelled when the worker stops taking deliveries.
+    pub stopping: CancellationToken,
 }
 
 /// How a delivery ended, for metrics and tests.
@@ -125,25 +133,79 @@ pub struct Report {
     pub id: Option<String>,
     /// Task name, when the message was an envelope.
     pub task: Option<String>,
+    /// Attempt number of the run, when the handler ran (crashed attempts included).
+    pub attempt: Option<u32>,
+}
+
+/// How long a delivery whose task is at its `concurrency` limit waits in the
+/// broker's delay stage before it is offered again, when waiting in-process
+/// would hold too many of the worker's slots.
+pub const LIMIT_DEFER: Duration = Duration::from_secs(1);
+
+/// Per-task concurrency limits inside one worker.
+///
+/// A delivery of a limited task takes a task permit before it claims the key.
+/// When none is free it may wait for one while holding its worker slot, but at
+/// most `max_waiting` deliveries (half the worker's slots, all tasks together)
+/// wait at once; any more are deferred through the broker's delay stage
+/// ([`LIMIT_DEFER`]) and acked. So waiting deliveries never hold more than half
+/// the worker's slots, and tasks without a limit (or with free permits) always
+/// have the other half: a limited task's backlog cannot starve other tasks,
+/// and nothing deadlocks, since a waiter holds no task permit and no claim.
+#[derive(Default)]
+pub struct TaskLimits {
+    per_task: HashMap<String, Arc<Semaphore>>,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+}
+
+impl TaskLimits {
+    /// Limits for `(task, concurrency)` pairs in a worker with `slots` slots.
+    pub fn new(limits: impl IntoIterator<Item = (String, u16)>, slots: usize) -> Self {
+        TaskLimits {
+            per_task: limits
+                .into_iter()
+                .map(|(t, n)| (t, Arc::new(Semaphore::new(usize::from(n.max(1))))))
+                .collect(),
+            waiting: AtomicUsize::new(0),
+            max_waiting: slots / 2,
+        }
+    }
+}
+
+enum Permit {
+    Unlimited,
+    Held(#[allow(dead_code)] OwnedSemaphorePermit),
+    Full,
+    Stopping,
+}
+
+impl TaskLimits {
+    async fn acquire(&self, task: &str, stopping: &CancellationToken) -> Permit {
+        let Some(sem) = self.per_task.get(task) else {
+            return Permit::Unlimited;
+        };
+        if let Ok(p) = sem.clone().try_acquire_owned() {
+            return Permit::Held(p);
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Permit::Full;
+        }
+        let got = tokio::select! {
+            p = sem.clone().acquire_owned() => match p {
+                Ok(p) => Permit::Held(p),
+                Err(_) => Permit::Stopping,
+            },
+            _ = stopping.cancelled() => Permit::Stopping,
+        };
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        got
+    }
 }
 
 /// Processes one delivery. `abort` is cancelled when the shutdown grace period is over.
 pub async fn process(ctx: &Ctx, delivery: Delivery, abort: CancellationToken) -> Report {
-    let (id, task) = match Envelope::decode(delivery.body()) {
-        Ok(e) => (Some(e.id), Some(e.task)),
-        Err(_) => (None, None),
-    };
-    let settled = process_inner(ctx, delivery, abort).await;
-    metrics::counter!(
-        "cronpipe_worker_tasks_total",
-        "task" => task.clone().unwrap_or_else(|| "(invalid)".into()),
-        "outcome" => settled.as_str()
-    )
-    .increment(1);
-    Report { settled, id, task }
-}
-
-async fn process_inner(ctx: &Ctx, delivery: Delivery, abort: CancellationToken) -> Settled {
     let body = delivery.body();
     if body.len() > ctx.max_message_bytes {
         let error = format!(
@@ -160,7 +222,8 @@ async fn process_inner(ctx: &Ctx, delivery: Delivery, abort: CancellationToken) 
             &FailureDetail::default(),
             &ctx.worker,
         );
-        return settle_dead(ctx, delivery, record, None).await;
+        let settled = settle_dead(ctx, delivery, record, None).await;
+        return report(settled, None, None);
     }
     let env = match Envelope::decode(body) {
         Ok(env) => env,
@@ -179,13 +242,51 @@ async fn process_inner(ctx: &Ctx, delivery: Delivery, abort: CancellationToken) 
                 &FailureDetail::default(),
                 &ctx.worker,
             );
-            return settle_dead(ctx, delivery, record, None).await;
+            let settled = settle_dead(ctx, delivery, record, None).await;
+            return report(settled, None, None);
         }
     };
     let span = tracing::info_span!("task", task_id = %env.id, task = %env.task);
-    process_envelope(ctx, delivery, env, abort)
+    let id = env.id.clone();
+    let task = env.task.clone();
+    let (settled, attempt) = process_envelope(ctx, delivery, env, abort)
         .instrument(span)
-        .await
+        .await;
+    report(settled, Some((id, task)), attempt)
+}
+
+fn report(settled: Settled, named: Option<(String, String)>, attempt: Option<u32>) -> Report {
+    let (id, task) = match named {
+        Some((id, task)) => (Some(id), Some(task)),
+        None => (None, None),
+    };
+    metrics::counter!(
+        "cronpipe_worker_tasks_total",
+        "task" => task.clone().unwrap_or_else(|| "(invalid)".into()),
+        "outcome" => settled.as_str()
+    )
+    .increment(1);
+    Report {
+        settled,
+        id,
+        task,
+        attempt,
+    }
+}
+
+/// Puts `env` in the broker's delay stage for `delay`, then acks the delivery.
+async fn defer(ctx: &Ctx, delivery: Delivery, env: &Envelope, delay: Duration) -> Settled {
+    match ctx.broker.publish_delayed(env, delay).await {
+        Ok(()) => {
+            ack(delivery).await;
+            Settled::Deferred
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Could not defer; returning the message to the broker");
+            let _ = delivery.requeue().await;
+            Settled::Returned
+        }
+    }
 }
 
 async fn process_envelope(
@@ -193,7 +294,7 @@ async fn process_envelope(
     delivery: Delivery,
     env: Envelope,
     abort: CancellationToken,
-) -> Settled {
+) -> (Settled, Option<u32>) {
     let Some(handler) = ctx.registry.get(&env.task) else {
         let known: Vec<&str> = ctx.registry.tasks().collect();
         let error = format!(
@@ -210,7 +311,21 @@ async fn process_envelope(
             &FailureDetail::default(),
             &ctx.worker,
         );
-        return settle_dead(ctx, delivery, record, None).await;
+        return (settle_dead(ctx, delivery, record, None).await, None);
+    };
+    // The task permit comes before the claim: a delivery waiting for a permit
+    // holds no claim, so it blocks nobody else and costs no attempt.
+    let permit = ctx.limits.acquire(&env.task, &ctx.stopping).await;
+    match permit {
+        Permit::Unlimited | Permit::Held(_) => {}
+        Permit::Full => {
+            tracing::debug!("Task at its concurrency limit; deferred");
+            return (defer(ctx, delivery, &env, LIMIT_DEFER).await, None);
+        }
+        Permit::Stopping => {
+            let _ = delivery.requeue().await;
+            return (Settled::Returned, None);
+        }
     };
     let (timeout, policy) = (ctx.tasks)(&env.task);
     let since = env.slot.unwrap_or(env.created_at);
@@ -230,28 +345,18 @@ async fn process_envelope(
         Err(e) => {
             tracing::error!(error = %e, "Cannot claim the task in Redis; returning it to the broker");
             let _ = delivery.requeue().await;
-            return Settled::Returned;
+            return (Settled::Returned, None);
         }
         Ok(Claim::Done) | Ok(Claim::Dead) => {
             tracing::info!("Duplicate of a finished task; acked without running");
             ack(delivery).await;
-            return Settled::Duplicate;
+            return (Settled::Duplicate, None);
         }
         Ok(Claim::Busy { owner, ttl }) => {
             // Neither run in parallel nor drop: look again once the claim could have ended.
             let delay = ttl.clamp(Duration::from_millis(500), ctx.claim_ttl);
             tracing::info!(owner = %owner, recheck_in_ms = delay.as_millis() as u64, "Task in progress elsewhere; deferred");
-            return match ctx.broker.publish_delayed(&env, delay).await {
-                Ok(()) => {
-                    ack(delivery).await;
-                    Settled::Deferred
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "Could not defer; returning the message to the broker");
-                    let _ = delivery.requeue().await;
-                    Settled::Returned
-                }
-            };
+            return (defer(ctx, delivery, &env, delay).await, None);
         }
         Ok(Claim::Claimed { attempt }) => attempt,
     };
@@ -270,10 +375,29 @@ async fn process_envelope(
             &FailureDetail::default(),
             &ctx.worker,
         );
-        return settle_dead(ctx, delivery, record, Some(&key)).await;
+        return (
+            settle_dead(ctx, delivery, record, Some(&key)).await,
+            Some(attempt),
+        );
     }
+    let settled = run_claimed(ctx, delivery, env, handler, attempt, timeout, policy, abort).await;
+    drop(permit);
+    (settled, Some(attempt))
+}
 
-    // Run, renewing the claim meanwhile.
+/// Runs a claimed attempt, renewing the claim meanwhile, then records its outcome and acks.
+#[allow(clippy::too_many_arguments)]
+async fn run_claimed(
+    ctx: &Ctx,
+    delivery: Delivery,
+    env: Envelope,
+    handler: Arc<dyn crate::handler::Handler>,
+    attempt: u32,
+    timeout: Duration,
+    policy: RetryPolicy,
+    abort: CancellationToken,
+) -> Settled {
+    let key = env.key().to_string();
     let cancel = abort.child_token();
     let task = Task {
         envelope: env.clone(),
@@ -283,43 +407,42 @@ async fn process_envelope(
     };
     let started = Instant::now();
     metrics::gauge!("cronpipe_worker_in_flight").increment(1.0);
-    let renewer = tokio::spawn(renew_claim(
-        ctx.store.clone(),
-        key.clone(),
-        ctx.worker.clone(),
-        ctx.claim_ttl,
-        cancel.clone(),
-    ));
-    let mut running = tokio::spawn(handler.handle(task));
-    let result: Result<(), TaskError> = tokio::select! {
-        joined = &mut running => match joined {
-            Ok(r) => r,
-            Err(e) if e.is_panic() => Err(TaskError::retryable(format!("handler panicked: {}", panic_text(e)))),
-            Err(e) => Err(TaskError::retryable(format!("handler task failed: {e}"))),
-        },
-        _ = tokio::time::sleep(timeout) => {
-            cancel.cancel();
-            // Let the handler clean up (exec kills its process group), briefly.
-            let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
-            running.abort();
-            Err(TaskError::retryable(format!("timed out after {}", humantime::format_duration(timeout))))
-        }
-        _ = abort.cancelled() => {
-            cancel.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
-            running.abort();
-            renewer.abort();
-            metrics::gauge!("cronpipe_worker_in_flight").decrement(1.0);
-            // Shutdown grace is over: give the claim back so another worker can
-            // take the redelivered message at once; leave the delivery unacked.
-            let _ = ctx.store.finish(&key, &ctx.worker, Outcome::Release, ctx.done_ttl).await;
-            tracing::warn!(attempt, "Interrupted by shutdown; claim released, message left for redelivery");
-            drop(delivery);
-            return Settled::Returned;
+    // The handler runs inside this task (no spawn per message); a panic while
+    // polling it is caught here and counts as a failed attempt.
+    let mut running = std::panic::AssertUnwindSafe(handler.handle(task)).catch_unwind();
+    let renewer = renew_claim(&ctx.store, &key, &ctx.worker, ctx.claim_ttl);
+    tokio::pin!(renewer);
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut renewing = true;
+    let result: Result<(), TaskError> = loop {
+        tokio::select! {
+            joined = &mut running => break match joined {
+                Ok(r) => r,
+                Err(p) => Err(TaskError::retryable(format!("handler panicked: {}", panic_text(p)))),
+            },
+            _ = &mut renewer, if renewing => renewing = false,
+            _ = &mut deadline => {
+                cancel.cancel();
+                // Let the handler clean up (exec kills its process group), briefly;
+                // dropping it afterwards aborts whatever is left.
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
+                break Err(TaskError::retryable(format!("timed out after {}", humantime::format_duration(timeout))));
+            }
+            _ = abort.cancelled() => {
+                cancel.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
+                metrics::gauge!("cronpipe_worker_in_flight").decrement(1.0);
+                // Shutdown grace is over: give the claim back so another worker can
+                // take the redelivered message at once; leave the delivery unacked.
+                let _ = ctx.store.finish(&key, &ctx.worker, Outcome::Release, ctx.done_ttl).await;
+                tracing::warn!(attempt, "Interrupted by shutdown; claim released, message left for redelivery");
+                drop(delivery);
+                return Settled::Returned;
+            }
         }
     };
     cancel.cancel();
-    renewer.abort();
     metrics::gauge!("cronpipe_worker_in_flight").decrement(1.0);
     let elapsed = started.elapsed();
     metrics::histogram!("cronpipe_worker_task_duration_seconds", "task" => env.task.clone())
@@ -353,7 +476,7 @@ async fn process_envelope(
                 .min(Duration::from_secs(7 * 24 * 3600));
             let mut next = env.clone();
             next.attempt = attempt + 1;
-            tracing::warn!(attempt, error = %message, output_tail = %detail.output_tail, retry_in_ms = delay.as_millis() as u64, "Task failed; retry queued");
+            tracing::warn!(attempt, error = %message, http_status = ?detail.http_status, exit_code = ?detail.exit_code, output_tail = %detail.output_tail, retry_in_ms = delay.as_millis() as u64, "Task failed; retry queued");
             // The retry copy must be confirmed before the original is acked.
             match ctx.broker.publish_delayed(&next, delay).await {
                 Ok(()) => {
@@ -396,8 +519,7 @@ async fn process_envelope(
     }
 }
 
-fn panic_text(e: tokio::task::JoinError) -> String {
-    let p = e.into_panic();
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -407,20 +529,12 @@ fn panic_text(e: tokio::task::JoinError) -> String {
     }
 }
 
-async fn renew_claim(
-    store: Store,
-    key: String,
-    worker: String,
-    ttl: Duration,
-    stop: CancellationToken,
-) {
+/// Renews the claim every third of its lifetime; returns only when the claim is lost.
+async fn renew_claim(store: &Store, key: &str, worker: &str, ttl: Duration) {
     let every = ttl / 3;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        match store.renew_claim(&key, &worker, ttl).await {
+        tokio::time::sleep(every).await;
+        match store.renew_claim(key, worker, ttl).await {
             Ok(true) => metrics::counter!("cronpipe_worker_claim_renewals_total", "result" => "ok")
                 .increment(1),
             Ok(false) => {

@@ -1280,3 +1280,188 @@ fn load_reads_the_file_and_names_it_in_errors() {
         "{errs}"
     );
 }
+
+// ====================================================================
+// http handler, per-task concurrency and timeout warnings (worker issue 4).
+// Kept as one block at the end of the file; owned by the worker work.
+// ====================================================================
+
+const HOOK: &str = "[task.hook]\nhandler = \"http\"\nurl = \"https://example.com/hooks/run\"\n";
+
+#[test]
+fn http_task_parses_with_defaults_and_fixed_headers() {
+    let c = parse_ok(
+        &format!("{HOOK}method = \"PUT\"\nheaders = {{ Authorization = \"Bearer x\", X-Team = \"ops\" }}\n"),
+        &[],
+    );
+    let t = &c.tasks["hook"];
+    assert_eq!(t.handler, HandlerKind::Http);
+    assert_eq!(t.url.as_deref(), Some("https://example.com/hooks/run"));
+    assert_eq!(t.method.as_deref(), Some("PUT"));
+    assert_eq!(t.headers["X-Team"], "ops");
+    let plain = parse_ok(HOOK, &[]);
+    assert_eq!(
+        plain.tasks["hook"].method, None,
+        "POST is applied by the worker"
+    );
+}
+
+#[test]
+fn http_task_needs_a_url() {
+    let e = only_error("[task.hook]\nhandler = \"http\"\n", &[]);
+    check(&e, "task \"hook\".url", "url", &["needs a URL"]);
+}
+
+#[test]
+fn http_url_must_be_http_or_https_with_a_host() {
+    for bad in [
+        "ftp://example.com/x",
+        "example.com/x",
+        "https://",
+        "http:///path",
+        "https://exa mple.com",
+    ] {
+        let e = only_error(
+            &format!("[task.hook]\nhandler = \"http\"\nurl = \"{bad}\"\n"),
+            &[],
+        );
+        check(&e, "task \"hook\".url", bad, &["http://", "https://"]);
+    }
+    parse_ok(
+        "[task.hook]\nhandler = \"http\"\nurl = \"http://127.0.0.1:8080\"\n",
+        &[],
+    );
+}
+
+#[test]
+fn http_method_must_be_known() {
+    for bad in ["FETCH", "post", ""] {
+        let e = only_error(&format!("{HOOK}method = \"{bad}\"\n"), &[]);
+        check(
+            &e,
+            "task \"hook\".method",
+            &format!("{bad:?}"),
+            &["GET", "POST", "DELETE"],
+        );
+    }
+}
+
+#[test]
+fn http_header_names_and_values_must_be_sendable() {
+    let e = only_error(
+        &format!("{HOOK}headers = {{ \"Bad Name\" = \"v\" }}\n"),
+        &[],
+    );
+    check(
+        &e,
+        "task \"hook\".headers.Bad Name",
+        "Bad Name",
+        &["header name"],
+    );
+    let e = only_error(
+        &format!("{HOOK}headers = {{ X-A = \"one\\r\\ntwo\" }}\n"),
+        &[],
+    );
+    check(
+        &e,
+        "task \"hook\".headers.X-A",
+        "X-A",
+        &["without line breaks"],
+    );
+}
+
+#[test]
+fn exec_only_keys_are_rejected_for_http_and_rust() {
+    let e = only_error(&format!("{HOOK}command = [\"/bin/true\"]\n"), &[]);
+    check(
+        &e,
+        "task \"hook\".handler",
+        "\"http\"",
+        &["apply only to handler = \"exec\""],
+    );
+    let e = only_error(&format!("{HOOK}permanent_exit_codes = [2]\n"), &[]);
+    check(
+        &e,
+        "task \"hook\".handler",
+        "\"http\"",
+        &["permanent_exit_codes"],
+    );
+    let e = only_error("[task.r]\nhandler = \"rust\"\nworkdir = \"/tmp\"\n", &[]);
+    check(
+        &e,
+        "task \"r\".handler",
+        "\"rust\"",
+        &["apply only to handler = \"exec\""],
+    );
+}
+
+#[test]
+fn http_only_keys_are_rejected_for_exec_and_rust() {
+    let e = only_error(
+        "[task.e]\nhandler = \"exec\"\ncommand = [\"/bin/true\"]\nurl = \"https://example.com\"\n",
+        &[],
+    );
+    check(
+        &e,
+        "task \"e\".handler",
+        "\"exec\"",
+        &["apply only to handler = \"http\""],
+    );
+    let e = only_error(
+        "[task.r]\nhandler = \"rust\"\nheaders = { A = \"b\" }\n",
+        &[],
+    );
+    check(
+        &e,
+        "task \"r\".handler",
+        "\"rust\"",
+        &["url, method and headers"],
+    );
+    let e = only_error("[task.r]\nhandler = \"rust\"\nmethod = \"GET\"\n", &[]);
+    check(
+        &e,
+        "task \"r\".handler",
+        "\"rust\"",
+        &["apply only to handler = \"http\""],
+    );
+}
+
+#[test]
+fn task_concurrency_must_be_positive() {
+    let e = only_error("[task.r]\nhandler = \"rust\"\nconcurrency = 0\n", &[]);
+    check(&e, "task \"r\".concurrency", "0", &["at least 1"]);
+    let c = parse_ok("[task.r]\nhandler = \"rust\"\nconcurrency = 2\n", &[]);
+    assert_eq!(c.task_concurrency("r"), Some(2));
+    assert_eq!(c.task_concurrency("other"), None);
+}
+
+#[test]
+fn timeouts_at_or_above_the_rabbitmq_consumer_timeout_warn() {
+    let c = parse_ok(
+        "[task.long]\nhandler = \"rust\"\ntimeout = \"30m\"\n[task.short]\nhandler = \"rust\"\ntimeout = \"29m\"\n",
+        &[],
+    );
+    let w = c.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("task \"long\".timeout") && w[0].contains("consumer_timeout"),
+        "{w:?}"
+    );
+    // default_timeout warns only when some task relies on it.
+    let c = parse_ok(
+        "[worker]\ndefault_timeout = \"1h\"\n[task.r]\nhandler = \"rust\"\ntimeout = \"1m\"\n",
+        &[],
+    );
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    let c = parse_ok(
+        "[worker]\ndefault_timeout = \"1h\"\n[task.r]\nhandler = \"rust\"\n",
+        &[],
+    );
+    let w = c.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("worker.default_timeout") && w[0].contains("30m"),
+        "{w:?}"
+    );
+    assert!(parse_ok(REPORT_TASK, &[]).warnings().is_empty());
+}
