@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 use crate::duration::Dur;
 use crate::schedule::{self, Schedule};
 
+mod kafka;
+pub use kafka::{KafkaConfig, KafkaProperties, PropertyValue, MANAGED_KAFKA_PROPERTIES};
+use kafka::validate_kafka;
+
 /// Prefix of environment variables that override config keys; segments are
 /// joined with `__`, for example `CRONPIPE__WORKER__CONCURRENCY=16`.
 pub const ENV_PREFIX: &str = "CRONPIPE__";
@@ -71,7 +75,7 @@ pub enum BrokerKind {
     /// RabbitMQ over AMQP 0.9.1.
     #[default]
     Rabbitmq,
-    /// Apache Kafka (not yet available in this build).
+    /// Apache Kafka (or a Kafka-protocol broker).
     Kafka,
 }
 
@@ -83,6 +87,8 @@ pub struct BrokerConfig {
     pub kind: BrokerKind,
     /// `[broker.rabbitmq]`
     pub rabbitmq: RabbitConfig,
+    /// `[broker.kafka]`
+    pub kafka: KafkaConfig,
 }
 
 /// RabbitMQ queue types.
@@ -597,13 +603,7 @@ impl Config {
                 NAME_RULE.into(),
             );
         }
-        if self.broker.kind == BrokerKind::Kafka {
-            push(
-                "broker.kind".into(),
-                quoted("kafka"),
-                "the Kafka broker is not available in this build yet; expected \"rabbitmq\"".into(),
-            );
-        }
+        validate_kafka(&self.broker.kafka, &mut push);
         let rabbit = &self.broker.rabbitmq;
         if !rabbit.url.starts_with("amqp://") && !rabbit.url.starts_with("amqps://") {
             push(
@@ -705,7 +705,7 @@ impl Config {
                     if t.command.is_empty() || t.command[0].is_empty() {
                         push(
                             task_key(name, "command"),
-                            Some("[]".into()),
+                            Some(format!("{:?}", t.command)),
                             "an exec handler needs a program, e.g. command = [\"/usr/bin/env\", \"my-job\"]".into(),
                         );
                     }
@@ -731,8 +731,11 @@ impl Config {
                     );
                 }
             }
-            let policy = t.retry.over(self.worker.retry);
-            validate_retry(&task_key(name, "retry"), &policy, &mut push);
+            // Only a task that overrides the retry policy can add new problems to it.
+            if t.retry != RetryOverride::default() {
+                let policy = t.retry.over(self.worker.retry);
+                validate_retry(&task_key(name, "retry"), &policy, &mut push);
+            }
         }
         if errors.is_empty() {
             Ok(())
@@ -1108,3 +1111,6 @@ impl ScheduleConfig {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod kafka_tests;

@@ -50,6 +50,26 @@ impl Keys {
     pub fn attempts(&self, key: &str) -> String {
         format!("{}:attempts:{key}", self.prefix)
     }
+
+    /// Hash: schedule name → JSON definition, for schedules managed at runtime.
+    pub fn dynamic_schedules(&self) -> String {
+        format!("{}:schedules", self.prefix)
+    }
+
+    /// Set: names of paused schedules (from the config file or dynamic).
+    pub fn paused(&self) -> String {
+        format!("{}:schedules:paused", self.prefix)
+    }
+
+    /// Counter: bumped on every runtime schedule change; producers poll it.
+    pub fn schedules_rev(&self) -> String {
+        format!("{}:schedules:rev", self.prefix)
+    }
+
+    /// Stream: recent task executions (capped by length and age).
+    pub fn history(&self) -> String {
+        format!("{}:history", self.prefix)
+    }
 }
 
 #[cfg(test)]

@@ -344,3 +344,69 @@ impl Store {
         self.conn.clone()
     }
 }
+
+/// Runtime-managed schedules: definitions, pause flags and a revision counter.
+impl Store {
+    /// The revision counter of runtime schedule changes (0 when none yet).
+    pub async fn schedules_rev(&self) -> StoreResult<u64> {
+        let mut c = self.conn.clone();
+        let rev: Option<u64> = c.get(self.keys.schedules_rev()).await?;
+        Ok(rev.unwrap_or(0))
+    }
+
+    /// All runtime schedule definitions (name → JSON) and the paused names.
+    pub async fn dynamic_schedules(&self) -> StoreResult<(HashMap<String, String>, Vec<String>)> {
+        let mut c = self.conn.clone();
+        let (defs, paused): (HashMap<String, String>, Vec<String>) = redis::pipe()
+            .hgetall(self.keys.dynamic_schedules())
+            .smembers(self.keys.paused())
+            .query_async(&mut c)
+            .await?;
+        Ok((defs, paused))
+    }
+
+    /// Stores a runtime schedule definition. `create` fails (returns false) if
+    /// the name exists; otherwise it fails if the name does not exist.
+    pub async fn put_dynamic_schedule(&self, name: &str, json: &str, create: bool) -> StoreResult<bool> {
+        let mut c = self.conn.clone();
+        let exists: bool = c.hexists(self.keys.dynamic_schedules(), name).await?;
+        if exists == create {
+            return Ok(false);
+        }
+        let _: () = redis::pipe()
+            .atomic()
+            .hset(self.keys.dynamic_schedules(), name, json)
+            .incr(self.keys.schedules_rev(), 1)
+            .query_async(&mut c)
+            .await?;
+        Ok(true)
+    }
+
+    /// Removes a runtime schedule with its pause flag and watermark. False if it did not exist.
+    pub async fn remove_dynamic_schedule(&self, name: &str) -> StoreResult<bool> {
+        let mut c = self.conn.clone();
+        let (removed, _, _, _): (i64, i64, i64, i64) = redis::pipe()
+            .atomic()
+            .hdel(self.keys.dynamic_schedules(), name)
+            .srem(self.keys.paused(), name)
+            .hdel(self.keys.watermarks(), name)
+            .incr(self.keys.schedules_rev(), 1)
+            .query_async(&mut c)
+            .await?;
+        Ok(removed == 1)
+    }
+
+    /// Pauses or resumes a schedule by name. Returns whether the flag changed.
+    pub async fn set_paused(&self, name: &str, paused: bool) -> StoreResult<bool> {
+        let mut c = self.conn.clone();
+        let changed: i64 = if paused {
+            c.sadd(self.keys.paused(), name).await?
+        } else {
+            c.srem(self.keys.paused(), name).await?
+        };
+        if changed == 1 {
+            let _: i64 = c.incr(self.keys.schedules_rev(), 1).await?;
+        }
+        Ok(changed == 1)
+    }
+}

@@ -982,17 +982,6 @@ fn rabbitmq_queue_must_be_a_name() {
     );
 }
 
-#[test]
-fn kafka_broker_is_rejected_for_now() {
-    let e = only_error("[broker]\nkind = \"kafka\"\n", &[]);
-    check(
-        &e,
-        "broker.kind",
-        "\"kafka\"",
-        &["not available in this build", "expected \"rabbitmq\""],
-    );
-}
-
 // ---------------------------------------------------------------- many errors
 
 const MANY_PROBLEMS: &str = r#"
