@@ -1,15 +1,19 @@
 //! cronpipe producer: turns schedules into task messages, exactly one leader at a time.
 //!
+//! - [`admin`]: status, runtime schedules and enqueue (CLI and HTTP API).
 //! - [`clock`]: wall-clock abstraction (system clock, manual clock for tests).
 //! - [`leader`]: the Redis lease with fencing token, renewal and release.
 //! - [`misfire`]: which slots to publish now, and what the misfire policy drops.
 //! - [`scheduler`]: the leader loop (timer heap, pipelined publishing, watermarks).
+//! - [`sources`]: config-file schedules merged with runtime ones from Redis.
 //! - [`run`]: standby ⇄ leader until shutdown.
 
+pub mod admin;
 pub mod clock;
 pub mod leader;
 pub mod misfire;
 pub mod scheduler;
+pub mod sources;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,9 +150,27 @@ pub async fn run(
     opts: Options,
     store: Store,
     broker: Broker,
-    mut schedules: watch::Receiver<Arc<Vec<BuiltSchedule>>>,
+    file_schedules: watch::Receiver<Arc<Vec<BuiltSchedule>>>,
     shutdown: CancellationToken,
 ) -> Result<(), ProducerError> {
+    // The leader runs the file schedules merged with runtime ones from Redis.
+    let (merged_tx, mut schedules) = watch::channel(file_schedules.borrow().clone());
+    let merged_ready = Arc::new(Notify::new());
+    let merger = tokio::spawn(sources::run(
+        store.clone(),
+        file_schedules,
+        merged_tx,
+        merged_ready.clone(),
+        shutdown.clone(),
+    ));
+    tokio::select! {
+        _ = merged_ready.notified() => {}
+        _ = shutdown.cancelled() => {
+            merger.abort();
+            return Ok(());
+        }
+    }
+    schedules.borrow_and_update();
     let timing = LeaseTiming {
         ttl: opts.lease_ttl,
     };
@@ -209,6 +231,7 @@ pub async fn run(
         }
     }
     watcher.abort();
+    merger.abort();
     broker.close().await;
     Ok(())
 }

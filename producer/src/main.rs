@@ -14,6 +14,8 @@ use cronpipe_shared::Config;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+mod commands;
+
 #[derive(Parser)]
 #[command(
     name = "producer",
@@ -42,6 +44,37 @@ enum Command {
         /// Config file.
         #[arg(short, long, env = "CRONPIPE_CONFIG")]
         config: PathBuf,
+    },
+    /// Show the leader (instance, fencing token, lease time left) and every schedule's state.
+    #[command(
+        after_help = "Examples:\n  producer status -c cronpipe.toml\n  producer status -c cronpipe.toml --json"
+    )]
+    Status {
+        /// Config file.
+        #[arg(short, long, env = "CRONPIPE_CONFIG")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage schedules at runtime: list, add, update, pause, resume, remove.
+    Schedule {
+        /// Config file.
+        #[arg(short, long, env = "CRONPIPE_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: commands::ScheduleCmd,
+    },
+    /// Publish an ad-hoc task through the same path other publishers use.
+    #[command(
+        after_help = "Examples:\n  producer enqueue report -c cronpipe.toml --payload '{\"format\":\"pdf\"}'\n  producer enqueue report -c cronpipe.toml --key report-2026-11-21 --delay 10m"
+    )]
+    Enqueue {
+        /// Config file.
+        #[arg(short, long, env = "CRONPIPE_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        args: commands::EnqueueArgs,
     },
     /// Print the next fire instants of a schedule expression.
     #[command(
@@ -77,6 +110,17 @@ fn main() -> ExitCode {
         } => next(&expr, &tz, from.as_deref(), n, anchor.as_deref()),
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
+        Command::Status { config, json } => {
+            admin_cmd(&config, |c| commands::status(&config, c, json))
+        }
+        Command::Schedule { config, command } => match config {
+            Some(config) => admin_cmd(&config, |c| commands::schedule(c, command)),
+            None => {
+                eprintln!("error: --config FILE (or CRONPIPE_CONFIG) is required");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::Enqueue { config, args } => admin_cmd(&config, |c| commands::enqueue(c, args)),
     };
     match result {
         Ok(code) => code,
@@ -92,6 +136,23 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
         eprint!("{errors}");
         ExitCode::from(2)
     })
+}
+
+/// Loads the config and runs an operator command on a small runtime.
+fn admin_cmd<F, Fut>(path: &Path, f: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(f(config))
 }
 
 fn check(path: &Path) -> anyhow::Result<ExitCode> {
@@ -182,22 +243,28 @@ async fn async_run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     spawn_signals(shutdown.clone(), path.clone(), tx)?;
     let opts = cronpipe_producer::Options::from_config(&config);
     tracing::info!(instance = %opts.instance_id, config = %path.display(), schedules = config.schedules.len(), "Producer starting");
-    let conns: cronpipe_shared::ops::Connections = Default::default();
-    if let Some(addr) = config.producer.http_addr {
-        let status = opts.status.clone();
-        let ready =
-            cronpipe_shared::ops::readiness(conns.clone(), Some(Arc::new(move || status.fields())));
-        cronpipe_shared::ops::serve(addr, ready, None, shutdown.clone())
-            .await
-            .with_context(|| format!("serving producer.http_addr = {addr}"))?;
-    }
     let Some((store, broker)) = cronpipe_producer::connect(&config, &opts.instance_id, &shutdown)
         .await
         .context("connecting")?
     else {
         return Ok(());
     };
-    let _ = conns.set((store.clone(), broker.clone()));
+    if let Some(addr) = config.producer.http_addr {
+        let conns: cronpipe_shared::ops::Connections = Default::default();
+        let _ = conns.set((store.clone(), broker.clone()));
+        let status = opts.status.clone();
+        let ready = cronpipe_shared::ops::readiness(conns, Some(Arc::new(move || status.fields())));
+        let admin = cronpipe_producer::admin::Admin::new(store.clone(), Arc::new(config.clone()));
+        let token = config
+            .producer
+            .admin_token
+            .as_ref()
+            .map(|t| t.expose().to_string());
+        let api = cronpipe_producer::admin::router(admin, broker.clone(), token);
+        cronpipe_shared::ops::serve(addr, ready, Some(api), shutdown.clone())
+            .await
+            .with_context(|| format!("serving producer.http_addr = {addr}"))?;
+    }
     cronpipe_producer::run(opts, store, broker, rx, shutdown)
         .await
         .context("producer stopped")?;

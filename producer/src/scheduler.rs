@@ -187,6 +187,20 @@ pub async fn lead(ctx: &mut Ctx<'_>, lease: &Lease) -> Exit {
             return exit_reason(ctx, lease);
         }
         if ctx.schedules.has_changed().unwrap_or(false) {
+            // Schedules new to this leader resume from their stored watermark
+            // (a dynamic schedule after a failover), never from "now".
+            let marks = match ctx.store.watermarks().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot read watermarks to apply the new schedule set; retrying");
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => {}
+                        _ = lease.lost.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    continue;
+                }
+            };
             let defs = ctx.schedules.borrow_and_update().clone();
             let removed: Vec<String> = state
                 .entries
@@ -199,7 +213,7 @@ pub async fn lead(ctx: &mut Ctx<'_>, lease: &Lease) -> Exit {
                 .iter()
                 .map(|(i, t)| (state.entries[*i].def.name.clone(), *t))
                 .collect();
-            let mut next = build_state(&defs, &HashMap::new(), ctx.clock.now(), Some(&state));
+            let mut next = build_state(&defs, &marks, ctx.clock.now(), Some(&state));
             for (name, t) in dirty_before {
                 if let Some(i) = next.entries.iter().position(|e| e.def.name == name) {
                     next.dirty.insert(i, t);

@@ -15,8 +15,8 @@ use crate::duration::Dur;
 use crate::schedule::{self, Schedule};
 
 mod kafka;
-pub use kafka::{KafkaConfig, KafkaProperties, PropertyValue, MANAGED_KAFKA_PROPERTIES};
 use kafka::validate_kafka;
+pub use kafka::{KafkaConfig, KafkaProperties, PropertyValue, MANAGED_KAFKA_PROPERTIES};
 
 /// Prefix of environment variables that override config keys; segments are
 /// joined with `__`, for example `CRONPIPE__WORKER__CONCURRENCY=16`.
@@ -138,8 +138,28 @@ pub struct ProducerConfig {
     /// A slot published later than this after its instant counts as missed and
     /// goes through the schedule's misfire policy.
     pub misfire_threshold: Dur,
-    /// Address of `/metrics`, `/healthz`, `/readyz`, e.g. `"0.0.0.0:9464"`; unset = off.
+    /// Address of `/metrics`, `/healthz`, `/readyz` and the admin API, e.g. `"0.0.0.0:9464"`; unset = off.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Bearer token the admin API requires; unset = admin API off.
+    pub admin_token: Option<Secret>,
+}
+
+/// A secret string (token, password): shown as `***` in debug output and logs.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// The secret text.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
 }
 
 impl Default for ProducerConfig {
@@ -149,6 +169,7 @@ impl Default for ProducerConfig {
             lease_ttl: Dur::secs(5),
             misfire_threshold: Dur::secs(1),
             http_addr: None,
+            admin_token: None,
         }
     }
 }
