@@ -59,6 +59,34 @@ impl Lease {
             Err(p) => *p.into_inner(),
         }
     }
+
+    /// Resolves once this lease may no longer be used: it was lost, or its
+    /// deadline passed without a renewal moving it (renewals that do move it
+    /// are followed). Racing a publish against this stops the publish the
+    /// moment leadership can no longer be proven.
+    pub async fn expired(&self) {
+        loop {
+            let deadline = self.deadline();
+            tokio::select! {
+                _ = self.lost.cancelled() => return,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if !self.is_valid() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A lease for tests and tools that is valid until `deadline` (not backed by Redis).
+    pub fn detached(value: String, token: u64, deadline: Instant) -> Self {
+        Lease {
+            value,
+            token,
+            deadline: Arc::new(std::sync::Mutex::new(deadline)),
+            lost: CancellationToken::new(),
+        }
+    }
 }
 
 /// Lease timing.
@@ -73,11 +101,23 @@ impl LeaseTiming {
     pub fn renew_every(&self) -> Duration {
         self.ttl / 3
     }
-    /// Safety margin taken off the local deadline: a fifth of the TTL, at least 100 ms.
+    /// Safety margin taken off the local deadline: a fifth of the TTL, at
+    /// least 100 ms, at most half the TTL. It absorbs clock-rate drift between
+    /// this host and Redis and the time a publish already on the wire needs to
+    /// reach the broker.
     pub fn margin(&self) -> Duration {
         (self.ttl / 5)
             .max(Duration::from_millis(100))
             .min(self.ttl / 2)
+    }
+
+    /// The local deadline earned by an acquire or renewal *sent* at `sent`.
+    /// Redis starts the TTL when it receives the command, which is after
+    /// `sent`, so the key cannot expire before `sent + ttl`: stopping at
+    /// `sent + ttl − margin` stops at least `margin` before any standby can
+    /// take the lease.
+    pub fn deadline_after(&self, sent: Instant) -> Instant {
+        sent + self.ttl - self.margin()
     }
 }
 
@@ -94,7 +134,7 @@ pub async fn acquire(
         let sent = Instant::now();
         let wait = match store.lease_acquire(holder, timing.ttl).await {
             Ok(Ok(token)) => {
-                let deadline = sent + timing.ttl - timing.margin();
+                let deadline = timing.deadline_after(sent);
                 let lease = Lease {
                     value: format!("{token}:{holder}"),
                     token,
@@ -156,7 +196,7 @@ pub async fn keep(store: Store, lease: Lease, timing: LeaseTiming, stop: Cancell
             Ok(Ok(true)) => {
                 metrics::counter!("cronpipe_producer_lease_renewals_total", "result" => "ok")
                     .increment(1);
-                lease.set_deadline(sent + timing.ttl - timing.margin());
+                lease.set_deadline(timing.deadline_after(sent));
                 next = sent + timing.renew_every();
             }
             Ok(Ok(false)) => {
@@ -221,5 +261,94 @@ pub async fn watch_releases(store: Store, notify: Arc<Notify>, shutdown: Cancell
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn renewal_runs_every_third_of_the_ttl() {
+        assert_eq!(LeaseTiming { ttl: ms(3000) }.renew_every(), ms(1000));
+        assert_eq!(
+            LeaseTiming { ttl: ms(2000) }.renew_every(),
+            Duration::from_nanos(666_666_666)
+        );
+        assert_eq!(LeaseTiming { ttl: ms(300) }.renew_every(), ms(100));
+    }
+
+    #[test]
+    fn margin_is_a_fifth_of_the_ttl_bounded() {
+        assert_eq!(LeaseTiming { ttl: ms(5000) }.margin(), ms(1000));
+        assert_eq!(LeaseTiming { ttl: ms(2000) }.margin(), ms(400));
+        // At least 100 ms ...
+        assert_eq!(LeaseTiming { ttl: ms(300) }.margin(), ms(100));
+        // ... but never more than half the TTL.
+        assert_eq!(LeaseTiming { ttl: ms(150) }.margin(), ms(75));
+    }
+
+    #[test]
+    fn deadline_is_before_the_earliest_expiry_and_after_two_renewals() {
+        // For every TTL the config accepts (>= 300 ms): the local deadline
+        // after a renewal sent at `s` is at least `margin` before the earliest
+        // moment Redis can expire the key (s + ttl), and a failed renewal
+        // still leaves time for a retry before the deadline.
+        let s = Instant::now();
+        for ttl in [300, 301, 450, 1000, 2000, 5000, 30_000, 600_000] {
+            let t = LeaseTiming { ttl: ms(ttl) };
+            let deadline = t.deadline_after(s);
+            assert!(deadline + t.margin() <= s + t.ttl, "ttl {ttl}");
+            assert!(deadline > s, "ttl {ttl}");
+            assert!(
+                s + t.renew_every() * 2 <= deadline,
+                "ttl {ttl}: two renewal periods must fit before the deadline"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lease_is_invalid_from_its_deadline_on() {
+        let t = LeaseTiming { ttl: ms(2000) };
+        let lease = Lease::detached("1:a:b".into(), 1, t.deadline_after(Instant::now()));
+        assert!(lease.is_valid());
+        tokio::time::advance(ms(1599)).await;
+        assert!(lease.is_valid());
+        tokio::time::advance(ms(1)).await;
+        assert!(!lease.is_valid());
+        assert!(lease.lost.is_cancelled(), "an expired lease stays lost");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_follows_renewals_and_resolves_at_the_deadline() {
+        let t = LeaseTiming { ttl: ms(2000) };
+        let start = Instant::now();
+        let lease = Lease::detached("1:a:b".into(), 1, t.deadline_after(start));
+        let watcher = {
+            let lease = lease.clone();
+            tokio::spawn(async move {
+                lease.expired().await;
+                Instant::now()
+            })
+        };
+        // A renewal sent at +1 s moves the deadline to +2.6 s.
+        tokio::time::sleep(ms(1000)).await;
+        lease.set_deadline(t.deadline_after(Instant::now()));
+        let ended = watcher.await.expect("join");
+        assert_eq!(ended - start, ms(2600));
+        assert!(!lease.is_valid());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_resolves_at_once_when_lost() {
+        let lease = Lease::detached("1:a:b".into(), 1, Instant::now() + ms(10_000));
+        lease.lost.cancel();
+        let start = Instant::now();
+        lease.expired().await;
+        assert_eq!(Instant::now(), start);
     }
 }
