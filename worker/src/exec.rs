@@ -1,6 +1,7 @@
 //! The built-in `exec` handler: runs a program fixed in config (a message can
 //! never choose what runs), payload as JSON on stdin, envelope fields in the
-//! environment, in its own process group so a timeout kills everything it started.
+//! environment, in its own process group so a timeout kills everything it
+//! started, and (on Linux) killed by the kernel if the worker itself dies.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -31,6 +32,24 @@ pub struct ExecHandler {
     /// Bytes of output kept.
     pub tail_bytes: usize,
 }
+
+/// Asks the kernel to SIGKILL the program if the worker dies (SIGKILL, OOM,
+/// abort): otherwise an orphaned program would keep running while another
+/// worker retries the task after the claim expires, and the task would run twice.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_worker(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // prctl(2), which is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_worker(_cmd: &mut Command) {}
 
 /// Kills the whole process group when dropped, unless disarmed.
 struct GroupGuard(Option<i32>);
@@ -120,6 +139,7 @@ impl ExecHandler {
         if let Some(dir) = &self.workdir {
             cmd.current_dir(dir);
         }
+        die_with_worker(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| TaskError::Permanent {
             message: format!("cannot start `{program}`: {e}"),
             detail: FailureDetail::default(),
