@@ -198,6 +198,10 @@ pub struct WorkerConfig {
     pub retry: RetryPolicy,
     /// Address of `/metrics`, `/healthz`, `/readyz`, e.g. `"0.0.0.0:9465"`; unset = off.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Most entries kept in the execution history stream (approximate trim).
+    pub history_max_len: usize,
+    /// Oldest entries kept in the execution history stream.
+    pub history_max_age: Dur,
 }
 
 impl Default for WorkerConfig {
@@ -213,6 +217,8 @@ impl Default for WorkerConfig {
             output_tail_bytes: 4096,
             retry: RetryPolicy::default(),
             http_addr: None,
+            history_max_len: 10_000,
+            history_max_age: Dur::secs(7 * 24 * 3600),
         }
     }
 }

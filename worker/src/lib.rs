@@ -8,9 +8,11 @@
 //! - [`process`]: one delivery from claim to ack, and per-task concurrency limits.
 //! - [`run`]: the consume loop with bounded concurrency and graceful shutdown.
 
+pub mod dlq;
 pub mod examples_support;
 pub mod exec;
 pub mod handler;
+pub mod history;
 pub mod http;
 pub mod process;
 
@@ -205,6 +207,13 @@ pub async fn run(
     let tag = format!("{}-{:08x}", opts.instance_id, rand::random::<u32>());
     let mut consumer = broker.consume(cfg.worker.concurrency.max(1), &tag).await?;
     tracing::info!(worker = %opts.instance_id, concurrency, "Consuming");
+    let history_stop = CancellationToken::new();
+    let history = history::History::spawn(
+        ctx.store.clone(),
+        cfg.worker.history_max_len,
+        cfg.worker.history_max_age.get(),
+        history_stop.clone(),
+    );
     let slots = Arc::new(Semaphore::new(concurrency));
     let tracker = TaskTracker::new();
     let abort = CancellationToken::new();
@@ -227,9 +236,21 @@ pub async fn run(
         let ctx = ctx.clone();
         let abort = abort.clone();
         let reports = opts.reports.clone();
+        let history = history.clone();
+        let worker = opts.instance_id.clone();
         tracker.spawn(async move {
+            let started = std::time::Instant::now();
             let report = process::process(&ctx, delivery, abort).await;
             drop(permit);
+            history.record(history::Entry {
+                at: chrono::Utc::now(),
+                id: report.id.clone().unwrap_or_else(|| "-".into()),
+                task: report.task.clone().unwrap_or_else(|| "(invalid)".into()),
+                outcome: report.settled.as_str().to_string(),
+                attempt: report.attempt,
+                duration_ms: started.elapsed().as_millis() as u64,
+                worker,
+            });
             if let Some(tx) = reports {
                 let _ = tx.send(report);
             }
@@ -253,6 +274,7 @@ pub async fn run(
         abort.cancel();
         tracker.wait().await;
     }
+    history_stop.cancel();
     broker.close().await;
     tracing::info!("Worker stopped");
     match failure {

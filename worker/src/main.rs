@@ -9,6 +9,8 @@ use cronpipe_shared::Config;
 use cronpipe_worker::Registry;
 use tokio_util::sync::CancellationToken;
 
+mod commands;
+
 #[derive(Parser)]
 #[command(
     name = "worker",
@@ -38,6 +40,25 @@ enum Command {
         #[arg(short, long, env = "CRONPIPE_CONFIG")]
         config: PathBuf,
     },
+    /// Inspect and act on the dead-letter queue: list, show, replay, purge.
+    Dlq {
+        /// Config file.
+        #[arg(short, long, env = "CRONPIPE_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: commands::DlqCmd,
+    },
+    /// Show recent task executions (outcome, duration, attempt, worker), newest first.
+    #[command(
+        after_help = "Examples:\n  worker history -c cronpipe.toml\n  worker history -c cronpipe.toml --task report --last 50"
+    )]
+    History {
+        /// Config file.
+        #[arg(short, long, env = "CRONPIPE_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        args: commands::HistoryArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +66,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
+        Command::Dlq { config, command } => match config {
+            Some(config) => tool(&config, |c| commands::dlq(c, command)),
+            None => {
+                eprintln!("error: --config FILE (or CRONPIPE_CONFIG) is required");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::History { config, args } => tool(&config, |c| commands::history(c, args)),
     };
     match result {
         Ok(code) => code,
@@ -60,6 +89,23 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
         eprint!("{errors}");
         ExitCode::from(2)
     })
+}
+
+/// Loads the config and runs an operator command on a small runtime.
+fn tool<F, Fut>(path: &Path, f: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(f(config))
 }
 
 fn check(path: &Path) -> anyhow::Result<ExitCode> {

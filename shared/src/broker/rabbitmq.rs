@@ -113,6 +113,22 @@ impl Rabbit {
         format!("{}.delay.{tier_ms}", self.inner.config.queue)
     }
 
+    /// Names of the delay queues this process declared.
+    pub async fn delay_queue_names(&self) -> Vec<String> {
+        let tiers: Vec<u64> = self
+            .inner
+            .delay_queues
+            .lock()
+            .await
+            .keys()
+            .copied()
+            .collect();
+        tiers
+            .into_iter()
+            .map(|t| self.delay_queue_name(t))
+            .collect()
+    }
+
     /// Declares a durable queue of the configured type, on a throwaway channel
     /// so that a conflict (406) closes only that channel.
     async fn declare(&self, name: &str, mut args: FieldTable) -> BrokerResult<()> {
@@ -343,6 +359,17 @@ impl Rabbit {
             tag: tag.to_string(),
             cancelled: false,
         })
+    }
+
+    /// A new channel on this connection, for tools that need AMQP operations
+    /// of their own (the dead-letter queue tools hold deliveries unacked and
+    /// close the channel to put them back).
+    pub async fn channel(&self) -> BrokerResult<Channel> {
+        self.inner
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| unavailable("opening a channel", e))
     }
 
     /// Whether the connection is up.
