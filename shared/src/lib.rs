@@ -6,7 +6,7 @@
 //! - [`duration`]: `"30s"`-style durations in config.
 //! - [`keys`]: every Redis key name.
 //! - [`store`]: Redis operations (lease, watermarks, idempotency claims) as Lua scripts.
-//! - [`broker`]: the broker abstraction and its RabbitMQ adapter.
+//! - [`broker`]: the broker abstraction and its RabbitMQ and Kafka adapters.
 //! - [`deadletter`]: the dead-letter record.
 //! - [`backoff`]: retry delays for failed tasks.
 //! - [`telemetry`]: logging setup.
@@ -24,7 +24,7 @@ pub mod schedule;
 pub mod store;
 pub mod telemetry;
 
-pub use broker::{Broker, BrokerError, Consumer, Delivery};
+pub use broker::{Broker, BrokerError, Consumer, Delivery, Destination};
 pub use config::Config;
 pub use envelope::Envelope;
 pub use store::Store;

@@ -2,6 +2,8 @@
 //! and RabbitMQ queue names (random), talks to the real services on
 //! 127.0.0.1, and removes what it created when it ends.
 
+pub mod kafka;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -84,6 +86,9 @@ impl TestEnv {
         match &self.broker {
             Broker::Rabbit(r) => r,
         }
+            Broker::Kafka(_) => {
+                panic!("TestEnv runs on RabbitMQ; Kafka tests use cronpipe_tests::kafka")
+            }
     }
 
     /// Base config text for this world: its namespace and queue, short timings.

@@ -3,7 +3,12 @@
 //! Every publish returns only after the broker confirmed the message; a
 //! consumed [`Delivery`] carries its own `ack` and `requeue`. Retry copies and
 //! dead letters are confirmed publishes made before the original is acked.
+//!
+//! - [`rabbitmq`]: queues, per-delay TTL queues, publisher confirms.
+//! - [`kafka`]: topics `T`, `T.retry`, `T.dlq`, idempotent producer, manual
+//!   per-partition offset commits.
 
+pub mod kafka;
 pub mod rabbitmq;
 
 use std::time::Duration;
@@ -41,6 +46,19 @@ pub type BrokerResult<T> = Result<T, BrokerError>;
 pub enum Broker {
     /// RabbitMQ.
     Rabbit(rabbitmq::Rabbit),
+    /// Kafka.
+    Kafka(kafka::Kafka),
+}
+
+/// A broker destination, for [`Broker::drain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// The work queue / topic.
+    Work,
+    /// Where retry copies wait (RabbitMQ delay queues this process declared; the Kafka retry topic).
+    Retry,
+    /// The dead-letter queue / topic.
+    DeadLetter,
 }
 
 impl Broker {
@@ -50,8 +68,8 @@ impl Broker {
             BrokerKind::Rabbitmq => Ok(Broker::Rabbit(
                 rabbitmq::Rabbit::connect(&config.rabbitmq, client_name).await?,
             )),
-            BrokerKind::Kafka => Err(BrokerError::Setup(
-                "broker.kind = \"kafka\" is not available in this build".into(),
+            BrokerKind::Kafka => Ok(Broker::Kafka(
+                kafka::Kafka::connect(&config.kafka, client_name).await?,
             )),
         }
     }
@@ -60,6 +78,7 @@ impl Broker {
     pub async fn publish(&self, env: &Envelope) -> BrokerResult<()> {
         match self {
             Broker::Rabbit(r) => r.publish(env).await,
+            Broker::Kafka(k) => k.publish(env).await,
         }
     }
 
@@ -67,6 +86,7 @@ impl Broker {
     pub async fn publish_batch(&self, envs: &[Envelope]) -> Vec<BrokerResult<()>> {
         match self {
             Broker::Rabbit(r) => r.publish_batch(envs).await,
+            Broker::Kafka(k) => k.publish_batch(envs).await,
         }
     }
 
@@ -74,6 +94,7 @@ impl Broker {
     pub async fn publish_delayed(&self, env: &Envelope, delay: Duration) -> BrokerResult<()> {
         match self {
             Broker::Rabbit(r) => r.publish_delayed(env, delay).await,
+            Broker::Kafka(k) => k.publish_delayed(env, delay).await,
         }
     }
 
@@ -81,6 +102,7 @@ impl Broker {
     pub async fn publish_dead_letter(&self, record: &DeadLetter) -> BrokerResult<()> {
         match self {
             Broker::Rabbit(r) => r.publish_dead_letter(record).await,
+            Broker::Kafka(k) => k.publish_dead_letter(record).await,
         }
     }
 
@@ -88,6 +110,7 @@ impl Broker {
     pub async fn consume(&self, prefetch: u16, tag: &str) -> BrokerResult<Consumer> {
         match self {
             Broker::Rabbit(r) => Ok(Consumer::Rabbit(r.consume(prefetch, tag).await?)),
+            Broker::Kafka(k) => Ok(Consumer::Kafka(k.consume(prefetch, tag).await?)),
         }
     }
 
@@ -95,13 +118,51 @@ impl Broker {
     pub fn is_connected(&self) -> bool {
         match self {
             Broker::Rabbit(r) => r.is_connected(),
+            Broker::Kafka(k) => k.is_connected(),
         }
     }
 
-    /// Closes the connection.
+    /// Closes the connection (Kafka: stops this connection's consumers after a
+    /// final commit and flushes the producer).
     pub async fn close(&self) {
         match self {
             Broker::Rabbit(r) => r.close().await,
+            Broker::Kafka(k) => k.close().await,
+        }
+    }
+
+    /// Takes every message now waiting at `dest` and returns their bodies (for
+    /// tests and tools; run it while no worker consumes `dest`). RabbitMQ: gets
+    /// and acks them. Kafka: reads from the worker group's committed offsets
+    /// (`Work`, `Retry`) or a `<group_id>.tools` group's (`DeadLetter`) to the
+    /// end, then commits the end.
+    pub async fn drain(&self, dest: Destination) -> BrokerResult<Vec<Vec<u8>>> {
+        match self {
+            Broker::Rabbit(r) => {
+                let queues = match dest {
+                    Destination::Work => vec![r.queue().to_string()],
+                    Destination::DeadLetter => vec![r.dlq_name()],
+                    Destination::Retry => r.delay_queue_names().await,
+                };
+                let mut out = Vec::new();
+                for q in queues {
+                    while let Some(m) = r.get(&q, true).await? {
+                        out.push(m);
+                    }
+                }
+                Ok(out)
+            }
+            Broker::Kafka(k) => {
+                let topics = k.topics();
+                let group = &k.config().group_id;
+                match dest {
+                    Destination::Work => k.take_all(&topics.work, group).await,
+                    Destination::Retry => k.take_all(&topics.retry, group).await,
+                    Destination::DeadLetter => {
+                        k.take_all(&topics.dlq, &format!("{group}.tools")).await
+                    }
+                }
+            }
         }
     }
 }
@@ -110,6 +171,8 @@ impl Broker {
 pub enum Consumer {
     /// RabbitMQ consumer.
     Rabbit(rabbitmq::RabbitConsumer),
+    /// Kafka consumer.
+    Kafka(kafka::KafkaConsumer),
 }
 
 impl Consumer {
@@ -117,6 +180,7 @@ impl Consumer {
     pub async fn next(&mut self) -> Option<Delivery> {
         match self {
             Consumer::Rabbit(c) => c.next().await.map(Delivery::Rabbit),
+            Consumer::Kafka(c) => c.next().await.map(Delivery::Kafka),
         }
     }
 
@@ -124,6 +188,7 @@ impl Consumer {
     pub async fn cancel(&mut self) {
         match self {
             Consumer::Rabbit(c) => c.cancel().await,
+            Consumer::Kafka(c) => c.cancel().await,
         }
     }
 }
@@ -132,6 +197,8 @@ impl Consumer {
 pub enum Delivery {
     /// RabbitMQ delivery.
     Rabbit(rabbitmq::RabbitDelivery),
+    /// Kafka delivery.
+    Kafka(kafka::KafkaDelivery),
 }
 
 impl Delivery {
@@ -139,6 +206,7 @@ impl Delivery {
     pub fn body(&self) -> &[u8] {
         match self {
             Delivery::Rabbit(d) => d.body(),
+            Delivery::Kafka(d) => d.body(),
         }
     }
 
@@ -146,6 +214,7 @@ impl Delivery {
     pub fn redelivered(&self) -> bool {
         match self {
             Delivery::Rabbit(d) => d.redelivered(),
+            Delivery::Kafka(d) => d.redelivered(),
         }
     }
 
@@ -154,13 +223,16 @@ impl Delivery {
     pub async fn ack(self) -> BrokerResult<()> {
         match self {
             Delivery::Rabbit(d) => d.ack().await,
+            Delivery::Kafka(d) => d.ack().await,
         }
     }
 
-    /// Hands the message back to the broker for redelivery.
+    /// Hands the message back to the broker for redelivery (Kafka: re-published
+    /// to the work topic, then settled; see [`kafka`]).
     pub async fn requeue(self) -> BrokerResult<()> {
         match self {
             Delivery::Rabbit(d) => d.requeue().await,
+            Delivery::Kafka(d) => d.requeue().await,
         }
     }
 }
