@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use cronpipe_shared::deadletter::DeadReason;
-use cronpipe_shared::{Destination, Envelope};
+use cronpipe_shared::Envelope;
 use cronpipe_tests::kafka::KafkaEnv;
 use cronpipe_tests::wait_until;
 use cronpipe_worker::{Registry, Report, Settled, Task, TaskError};
@@ -114,8 +114,11 @@ async fn producer_publishes_each_slot_once_and_a_worker_runs_each_once() {
     }
     let mut w = env.spawn_worker(&config, "w1", Registry::new()).await;
     let n = envs.len();
+    // A copy that finds the claim busy is deferred (through the retry topic);
+    // one that finds the task done is acked as a duplicate. Neither runs.
     let reports = reports_until(&mut w, REPORT_WAIT, |r| {
-        count(r, Settled::Success) == n && count(r, Settled::Duplicate) == n
+        count(r, Settled::Success) == n
+            && count(r, Settled::Duplicate) + count(r, Settled::Deferred) == n
     })
     .await;
     w.shutdown().await;
@@ -134,7 +137,8 @@ async fn producer_publishes_each_slot_once_and_a_worker_runs_each_once() {
         .iter()
         .map(|(_, o)| o.unwrap_or(0))
         .sum();
-    assert_eq!(committed as usize, 2 * n, "all work offsets committed");
+    // The n originals (taken by the drain) and the 2n copies.
+    assert_eq!(committed as usize, 3 * n, "all work offsets committed");
     env.cleanup().await;
 }
 
@@ -159,7 +163,8 @@ fn counting_handler(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_of_one_envelope_run_once() {
     let env = KafkaEnv::mock("dup", 2).await;
-    let config = env.config("[task.once]\nhandler = \"rust\"\n");
+    // A short claim makes deferred copies come back (as duplicates) quickly.
+    let config = env.config("[worker]\nclaim_ttl = \"2s\"\n\n[task.once]\nhandler = \"rust\"\n");
     let env1 = Envelope::new("once", serde_json::json!({"n": 1}));
     for _ in 0..5 {
         env.broker.publish(&env1).await.expect("publish");
@@ -507,6 +512,5 @@ async fn a_retry_copy_not_yet_due_blocks_neither_work_nor_commits() {
         .await
     );
     w.shutdown().await;
-    assert!(env.drain(Destination::Retry).await.is_empty());
     env.cleanup().await;
 }

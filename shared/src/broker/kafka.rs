@@ -651,9 +651,19 @@ fn take_all_blocking(consumer: &BaseConsumer, topic: &str) -> BrokerResult<Vec<V
         }
     }
     if ends.count() > 0 {
-        consumer
-            .commit(&ends, CommitMode::Sync)
-            .map_err(|e| classify("committing", &e))?;
+        // A member that just left may still be counted by the coordinator for a moment.
+        let mut tries = 0;
+        loop {
+            match consumer.commit(&ends, CommitMode::Sync) {
+                Ok(()) => break,
+                Err(e) if tries < 10 => {
+                    tracing::debug!(error = %e, "Commit of a drained topic refused; retrying");
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Err(e) => return Err(classify("committing", &e)),
+            }
+        }
     }
     Ok(out)
 }
