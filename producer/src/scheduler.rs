@@ -11,6 +11,7 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use chrono::{DateTime, Utc};
 use cronpipe_shared::config::BuiltSchedule;
+use cronpipe_shared::schedule::Schedule;
 use cronpipe_shared::{Broker, Envelope, Store};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -151,13 +152,23 @@ fn build_state(
     for def in defs {
         let idx = state.entries.len();
         let (cursor, fresh) = match (old.get(def.name.as_str()), marks.get(&def.name)) {
+            // A changed expression's slots are not the old one's: the schedule
+            // continues from now under its new timing, without catching up
+            // slots the new timing would have had in the past.
+            (Some(e), _) if !same_timing(&e.def.schedule, &def.schedule) => {
+                tracing::info!(schedule = %def.name, "Schedule timing changed; it continues from now");
+                (e.cursor.max(now), true)
+            }
             (Some(e), _) => (e.cursor, false),
             (None, Some(wm)) => (*wm, false),
             // A new schedule starts from now; it never back-fills.
-            (None, None) => (now, true),
+            (None, None) => {
+                tracing::info!(schedule = %def.name, "New schedule starts from now");
+                (now, true)
+            }
         };
         if fresh {
-            tracing::info!(schedule = %def.name, "New schedule starts from now");
+            // Persisted with the next watermark write, so a new leader starts from here too.
             state.dirty.insert(idx, cursor);
         }
         state.entries.push(Entry {
@@ -182,17 +193,20 @@ pub async fn lead(ctx: &mut Ctx<'_>, lease: &Lease) -> Exit {
         schedules = state.entries.len(),
         "Leading"
     );
+    let mut reload = false;
     loop {
         if ctx.shutdown.is_cancelled() || !lease.is_valid() {
             return exit_reason(ctx, lease);
         }
-        if ctx.schedules.has_changed().unwrap_or(false) {
+        // `changed()` in the wait below marks the value seen, so remember it here.
+        if std::mem::take(&mut reload) || ctx.schedules.has_changed().unwrap_or(false) {
             // Schedules new to this leader resume from their stored watermark
             // (a dynamic schedule after a failover), never from "now".
             let marks = match ctx.store.watermarks().await {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %e, "Cannot read watermarks to apply the new schedule set; retrying");
+                    reload = true;
                     tokio::select! {
                         _ = ctx.shutdown.cancelled() => {}
                         _ = lease.lost.cancelled() => {}
@@ -216,7 +230,8 @@ pub async fn lead(ctx: &mut Ctx<'_>, lease: &Lease) -> Exit {
             let mut next = build_state(&defs, &marks, ctx.clock.now(), Some(&state));
             for (name, t) in dirty_before {
                 if let Some(i) = next.entries.iter().position(|e| e.def.name == name) {
-                    next.dirty.insert(i, t);
+                    let mark = next.dirty.entry(i).or_insert(t);
+                    *mark = (*mark).max(t);
                 }
             }
             state = next;
@@ -249,7 +264,19 @@ pub async fn lead(ctx: &mut Ctx<'_>, lease: &Lease) -> Exit {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => {}
             _ = lease.lost.cancelled() => {}
-            _ = ctx.schedules.changed() => {}
+            changed = ctx.schedules.changed() => {
+                reload = changed.is_ok();
+                if changed.is_err() {
+                    // The sender is gone: no more reloads. Without this the
+                    // closed channel would wake this loop at once, forever.
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => {}
+                        _ = lease.lost.cancelled() => {}
+                        _ = tokio::time::sleep_until(lease.deadline()) => {}
+                        _ = ctx.clock.sleep_until(wake) => {}
+                    }
+                }
+            }
             _ = tokio::time::sleep_until(lease.deadline()) => {}
             _ = ctx.clock.sleep_until(wake) => {}
         }
@@ -302,6 +329,12 @@ async fn fire(
         let plan = misfire::plan(&entry.def, entry.cursor, now, ctx.threshold);
         let name = entry.def.name.as_str();
         let policy = entry.def.misfire.as_str();
+        if plan.truncated {
+            tracing::warn!(
+                schedule = name,
+                "Schedule far behind: slots older than its catch-up window were skipped without counting each; missed and skipped are lower bounds"
+            );
+        }
         if plan.missed > 0 {
             metrics::counter!("cronpipe_producer_slots_missed_total", "schedule" => name.to_string(), "policy" => policy).increment(plan.missed);
             metrics::counter!("cronpipe_producer_slots_skipped_total", "schedule" => name.to_string(), "policy" => policy).increment(plan.skipped);
@@ -334,7 +367,19 @@ async fn fire(
     let results = if batch.is_empty() {
         Vec::new()
     } else {
-        ctx.broker.publish_batch(&batch).await
+        // The lease is checked again for the whole publish, not just before it:
+        // a broker that stalls (a send waiting for connection recovery) must
+        // not let this process go on sending once its deadline has passed.
+        // Dropping the batch stops further sends; slots not yet recorded in
+        // the watermark are published again by the next leader.
+        tokio::select! {
+            biased;
+            _ = lease.expired() => {
+                tracing::warn!(token = lease.token, slots = batch.len(), "Lease deadline passed while publishing; stopped sending");
+                return;
+            }
+            results = ctx.broker.publish_batch(&batch) => results,
+        }
     };
     let confirmed_at = ctx.clock.now();
     for (idx, range, plan_cursor) in owners {
@@ -351,7 +396,7 @@ async fn fire(
                     metrics::histogram!("cronpipe_producer_publish_lag_seconds", "schedule" => name.clone()).record(lag.as_secs_f64());
                     tracing::info!(
                         schedule = %name, slot = %slot.to_rfc3339(), task_id = %env.id, task = %env.task,
-                        token = lease.token, lag_ms = lag.as_millis() as u64, "Published slot"
+                        token = lease.token, lag_ms = lag.as_micros() as f64 / 1000.0, "Published slot"
                     );
                 }
                 Err(e) => {
@@ -392,5 +437,32 @@ async fn fire(
             }
         }
         state.push(idx);
+    }
+}
+
+/// Whether two schedules fire at the same instants (same expression and zone,
+/// same interval and anchor, or same ISO 8601 repetition).
+fn same_timing(a: &Schedule, b: &Schedule) -> bool {
+    match (a, b) {
+        (
+            Schedule::Cron {
+                expr: ea, tz: za, ..
+            },
+            Schedule::Cron {
+                expr: eb, tz: zb, ..
+            },
+        ) => ea == eb && za == zb,
+        (
+            Schedule::Every {
+                period: pa,
+                anchor: aa,
+            },
+            Schedule::Every {
+                period: pb,
+                anchor: ab,
+            },
+        ) => pa == pb && aa == ab,
+        (Schedule::Iso(a), Schedule::Iso(b)) => a == b,
+        _ => false,
     }
 }

@@ -211,7 +211,15 @@ pub async fn dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
         });
     }
     let (store, broker) = connect(&config).await?;
-    let outcome = dlq::run(&broker, &store, &filter, action, args.limit).await;
+    let outcome = dlq::run(
+        &broker,
+        &store,
+        &filter,
+        action,
+        args.limit,
+        config.worker.history_max_len,
+    )
+    .await;
     broker.close().await;
     let outcome = outcome.context("reading the dead-letter queue")?;
     match cmd {
@@ -231,21 +239,6 @@ pub async fn dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
             print_items(&outcome.matched, true)?;
         }
         DlqCmd::Replay(_) => {
-            for item in &outcome.matched {
-                if let Some(env) = item.record.as_ref().and_then(|r| r.envelope.as_ref()) {
-                    let entry = history::Entry {
-                        at: Utc::now(),
-                        id: env.id.clone(),
-                        task: env.task.clone(),
-                        outcome: "replayed".into(),
-                        attempt: None,
-                        duration_ms: 0,
-                        worker: "worker dlq replay".into(),
-                    };
-                    let _ =
-                        history::record_now(&store, config.worker.history_max_len, &entry).await;
-                }
-            }
             println!(
                 "replayed {} dead letter(s); {} matching could not be replayed (not an envelope)",
                 outcome.settled, outcome.skipped

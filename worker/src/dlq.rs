@@ -104,6 +104,7 @@ pub async fn run(
     filter: &Filter,
     action: Action,
     limit: usize,
+    history_max_len: usize,
 ) -> Result<Outcome, BrokerError> {
     let rabbit = rabbit(broker)?;
     let queue = rabbit.dlq_name();
@@ -147,6 +148,20 @@ pub async fn run(
                     })?;
                     env.attempt = 1;
                     env.replay = true;
+                    // Recorded before the republish, so the history reads in order.
+                    let entry = crate::history::Entry {
+                        at: Utc::now(),
+                        id: env.id.clone(),
+                        task: env.task.clone(),
+                        outcome: "replayed".into(),
+                        attempt: None,
+                        duration_ms: 0,
+                        worker: "worker dlq replay".into(),
+                    };
+                    if let Err(e) = crate::history::record_now(store, history_max_len, &entry).await
+                    {
+                        tracing::warn!(error = %e, "Could not record the replay in the execution history");
+                    }
                     // Confirmed republish first, then remove the dead letter.
                     broker.publish(&env).await?;
                     msg.delivery

@@ -158,6 +158,14 @@ fn run(path: &Path) -> anyhow::Result<ExitCode> {
         else {
             return Ok(());
         };
+        if let Some(addr) = opts.config.worker.http_addr {
+            let conns: cronpipe_shared::ops::Connections = Default::default();
+            let _ = conns.set((store.clone(), broker.clone()));
+            let ready = cronpipe_shared::ops::readiness(conns, None);
+            cronpipe_shared::ops::serve(addr, ready, None, shutdown.clone())
+                .await
+                .with_context(|| format!("serving worker.http_addr = {addr}"))?;
+        }
         cronpipe_worker::run(opts, store, broker, registry, shutdown)
             .await
             .context("worker stopped")
