@@ -61,8 +61,11 @@ pub async fn run(
 ) {
     let mut seen_rev: Option<u64> = None;
     let mut first = true;
+    // Set when the file set changed and not yet merged: `changed()` below
+    // marks the change as seen, so `has_changed()` alone would miss it.
+    let mut file_changed = false;
     loop {
-        let file_changed = file.has_changed().unwrap_or(false);
+        file_changed |= file.has_changed().unwrap_or(false);
         let rev = store.schedules_rev().await;
         match rev {
             Ok(rev) if first || file_changed || seen_rev != Some(rev) => {
@@ -73,6 +76,7 @@ pub async fn run(
                         tracing::debug!(schedules = merged.len(), rev, "Schedule set updated");
                         out.send_replace(Arc::new(merged));
                         seen_rev = Some(rev);
+                        file_changed = false;
                         if first {
                             first = false;
                             ready.notify_one();
@@ -91,7 +95,7 @@ pub async fn run(
                 if file.changed().await.is_err() {
                     std::future::pending::<()>().await;
                 }
-            } => {}
+            } => file_changed = true,
             _ = tokio::time::sleep(POLL_EVERY) => {}
         }
     }
