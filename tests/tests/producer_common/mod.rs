@@ -415,6 +415,85 @@ impl InProc {
     }
 }
 
+/// A TCP proxy in front of a service that the test can partition: when cut,
+/// bytes stop flowing both ways on open connections and new connections are
+/// accepted but never answered (packets "dropped", no reset), like a network
+/// partition. When restored, the held connections are closed (their clients
+/// see the connection drop and reconnect) and new ones are forwarded again.
+pub struct Proxy {
+    /// Local port clients connect to.
+    pub port: u16,
+    cut: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts a proxy to `upstream` on a free local port.
+    pub async fn start(upstream: std::net::SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let (cut, cut_rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    let partitioned = |rx: &mut watch::Receiver<bool>| {
+                        let mut rx = rx.clone();
+                        async move {
+                            let _ = rx.wait_for(|c| *c).await;
+                        }
+                    };
+                    let healed = |rx: &mut watch::Receiver<bool>| {
+                        let mut rx = rx.clone();
+                        async move {
+                            let _ = rx.wait_for(|c| !*c).await;
+                        }
+                    };
+                    if *cut_rx.borrow_and_update() {
+                        // Accepted while partitioned: hold it, unanswered, until healed.
+                        healed(&mut cut_rx).await;
+                        return;
+                    }
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = partitioned(&mut cut_rx) => {
+                            // Keep both sockets open and silent until healed, then drop them.
+                            healed(&mut cut_rx).await;
+                        }
+                    }
+                });
+            }
+        });
+        Proxy { port, cut, task }
+    }
+
+    /// Partitions every connection through this proxy.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Heals the partition.
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+
+    /// A Redis URL through this proxy.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Parses an RFC 3339 instant.
 pub fn utc(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s)
