@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Publish one ad-hoc task to cronpipe from Python (pika).
+
+Builds an envelope by the rules of docs/envelope.schema.json and publishes it
+to the work queue through RabbitMQ's default exchange (routing key = queue
+name), persistent, mandatory, with publisher confirms: the script exits 0 only
+once the broker has confirmed the message, and prints the envelope id.
+
+    pip install 'pika==1.3.2'
+    python3 examples/publish.py --url amqp://guest:guest@127.0.0.1:5672/%2f \\
+        --queue cronpipe.tasks --task report --payload '{"a":1}' [--key K]
+
+The queue is not declared here: cronpipe declares it (a quorum queue by
+default), and declaring it again with other arguments would fail. A passive
+declare checks it exists, so a typo in --queue is an error rather than a
+message the broker drops.
+
+Exit status: 0 published and confirmed, 2 bad arguments, 1 anything else
+(broker unreachable, queue missing, message returned or nacked).
+"""
+
+import argparse
+import datetime
+import json
+import sys
+import uuid
+
+try:
+    import pika
+    import pika.exceptions
+except ImportError:  # pragma: no cover - depends on the environment
+    sys.stderr.write(
+        "error: the pika package is not installed; install it with: "
+        "python3 -m pip install 'pika==1.3.2'\n"
+    )
+    sys.exit(1)
+
+# Limits from docs/envelope.schema.json ($defs/name): what the worker is sure
+# to accept is an ASCII string of 1 to 256 characters, or any string of 1 to 64
+# characters.
+NAME_MAX_ASCII = 256
+NAME_MAX_ANY = 64
+
+
+def check_name(field, value):
+    """Raises ValueError unless `value` satisfies the schema's $defs/name."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{field}: expected a non-empty string")
+    limit = NAME_MAX_ASCII if value.isascii() else NAME_MAX_ANY
+    if len(value) > limit:
+        raise ValueError(
+            f"{field}: {len(value)} characters; expected at most {NAME_MAX_ASCII} "
+            f"ASCII characters or {NAME_MAX_ANY} characters otherwise"
+        )
+    return value
+
+
+def rfc3339_utc_now():
+    """Now in UTC as RFC 3339 with milliseconds and a Z suffix, like cronpipe writes."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def build_envelope(task, payload, idempotency_key=None):
+    """An envelope v1 (docs/envelope.schema.json) for an ad-hoc task.
+
+    Only the required fields and the ones given are written: optional fields
+    are omitted rather than null (a JSON null payload reaches the handler as
+    null either way), `attempt` is left to its default 1, and
+    `schedule`/`slot`/`fencing_token` belong to scheduled fires only.
+    """
+    envelope = {
+        "v": 1,  # a JSON integer, never 1.0 or "1"
+        "id": str(uuid.uuid4()),  # lowercase hyphenated UUIDv4, as cronpipe itself uses
+        "task": check_name("task", task),
+        "created_at": rfc3339_utc_now(),
+    }
+    if payload is not None:
+        envelope["payload"] = payload
+    if idempotency_key is not None:
+        envelope["idempotency_key"] = check_name("idempotency_key", idempotency_key)
+    return envelope
+
+
+def publish(url, queue, envelope, timeout=10.0):
+    """Publishes `envelope` to `queue` and waits for the broker's confirm.
+
+    Raises on any failure: connection, missing queue, the broker returning the
+    message as unroutable (mandatory) or nacking it.
+    """
+    params = pika.URLParameters(url)
+    params.socket_timeout = timeout
+    params.blocked_connection_timeout = timeout
+    connection = pika.BlockingConnection(params)
+    try:
+        channel = connection.channel()
+        # Fails with 404 NOT_FOUND (closing the channel) when the queue does
+        # not exist; never changes an existing queue.
+        channel.queue_declare(queue=queue, passive=True)
+        channel.confirm_delivery()
+        body = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        # With confirms on, basic_publish blocks until the broker acks, and
+        # raises UnroutableError (mandatory, no queue took it) or NackError.
+        channel.basic_publish(
+            exchange="",
+            routing_key=queue,
+            body=body,
+            properties=pika.BasicProperties(
+                content_type="application/json",
+                content_encoding="utf-8",
+                delivery_mode=pika.DeliveryMode.Persistent,
+                message_id=envelope["id"],
+            ),
+            mandatory=True,
+        )
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Publish one cronpipe task (envelope v1) to RabbitMQ with publisher confirms; prints its id.",
+        epilog="example: %(prog)s --url amqp://guest:guest@127.0.0.1:5672/%%2f "
+        "--queue cronpipe.tasks --task report --payload '{\"a\":1}' --key report-2026-11-21",
+    )
+    parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/%2f",
+                        help="AMQP URL (default: %(default)s)")
+    parser.add_argument("--queue", default="cronpipe.tasks",
+                        help="work queue, cronpipe's broker.rabbitmq.queue (default: %(default)s)")
+    parser.add_argument("--task", required=True, help="task name; a worker needs a [task.NAME] handler for it")
+    parser.add_argument("--payload", default=None,
+                        help="payload as JSON text, handed to the task unchanged (default: none, the task gets null)")
+    parser.add_argument("--key", default=None,
+                        help="idempotency key: messages with the same key run once (default: the id)")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for the broker (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.payload is not None:
+        try:
+            args.payload = json.loads(args.payload)
+        except json.JSONDecodeError as e:
+            parser.error(f"--payload is not valid JSON: {e}")
+    try:
+        check_name("--task", args.task)
+        if args.key is not None:
+            check_name("--key", args.key)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    envelope = build_envelope(args.task, args.payload, args.key)
+    try:
+        publish(args.url, args.queue, envelope, timeout=args.timeout)
+    except pika.exceptions.UnroutableError:
+        print(f"error: queue `{args.queue}` did not take the message (returned as unroutable)", file=sys.stderr)
+        return 1
+    except pika.exceptions.NackError:
+        print("error: the broker refused the message (nack)", file=sys.stderr)
+        return 1
+    except pika.exceptions.ChannelClosedByBroker as e:
+        print(f"error: the broker closed the channel: {e.reply_code} {e.reply_text}", file=sys.stderr)
+        return 1
+    except pika.exceptions.AMQPError as e:
+        print(f"error: RabbitMQ at {args.url.split('@')[-1]}: {e!r}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(envelope["id"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
