@@ -73,14 +73,11 @@ impl Clock for ManualClock {
             // Wake when the time reaches `t`, or on any change (a step backwards
             // must be noticed too), or after MAX_SLEEP of real time.
             let _ = tokio::time::timeout(MAX_SLEEP, async {
-                loop {
-                    if *rx.borrow_and_update() >= t {
-                        return;
-                    }
-                    if rx.changed().await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
+                if *rx.borrow_and_update() >= t {
                     return;
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
                 }
             })
             .await;
