@@ -22,6 +22,9 @@ use tracing::Instrument;
 
 use crate::handler::{FailureDetail, Registry, Task, TaskError};
 
+/// Looks up a task's attempt timeout and retry policy by task name.
+pub type TaskSettings = Arc<dyn Fn(&str) -> (Duration, RetryPolicy) + Send + Sync>;
+
 /// Shared, read-only context of the worker's tasks.
 pub struct Ctx {
     /// Redis.
@@ -39,7 +42,7 @@ pub struct Ctx {
     /// Largest accepted body.
     pub max_message_bytes: usize,
     /// Per-task settings: timeout of one attempt and retry policy.
-    pub tasks: Arc<dyn Fn(&str) -> (Duration, RetryPolicy) + Send + Sync>,
+    pub tasks: TaskSettings,
     /// Per-task concurrency limits.
     pub limits: TaskLimits,
     /// Cancelled when the worker stops taking deliveries.
@@ -431,19 +434,31 @@ async fn run_claimed(
             }
             _ = abort.cancelled() => {
                 cancel.cancel();
-                let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
-                metrics::gauge!("cronpipe_worker_in_flight").decrement(1.0);
-                // Shutdown grace is over: give the claim back so another worker can
-                // take the redelivered message at once; leave the delivery unacked.
-                let _ = ctx.store.finish(&key, &ctx.worker, Outcome::Release, ctx.done_ttl).await;
-                tracing::warn!(attempt, "Interrupted by shutdown; claim released, message left for redelivery");
-                drop(delivery);
-                return Settled::Returned;
+                break match tokio::time::timeout(Duration::from_secs(5), &mut running).await {
+                    Ok(Ok(Ok(()))) => Ok(()),
+                    _ => Err(TaskError::retryable("interrupted by shutdown")),
+                };
             }
         }
     };
     cancel.cancel();
     metrics::gauge!("cronpipe_worker_in_flight").decrement(1.0);
+    if result.is_err() && abort.is_cancelled() {
+        // Shutdown grace is over and the attempt did not succeed (a handler
+        // that stops when told to fails): not the task's fault, so no retry
+        // copy. Give the claim back so another worker can take the redelivered
+        // message at once, and leave the delivery unacked.
+        let _ = ctx
+            .store
+            .finish(&key, &ctx.worker, Outcome::Release, ctx.done_ttl)
+            .await;
+        tracing::warn!(
+            attempt,
+            "Interrupted by shutdown; claim released, message left for redelivery"
+        );
+        drop(delivery);
+        return Settled::Returned;
+    }
     let elapsed = started.elapsed();
     metrics::histogram!("cronpipe_worker_task_duration_seconds", "task" => env.task.clone())
         .record(elapsed.as_secs_f64());
