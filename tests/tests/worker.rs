@@ -812,9 +812,12 @@ mod http {
     use axum::response::IntoResponse;
     use axum::routing::post;
 
+    /// One request the test server saw: path, time, headers, body.
+    type Call = (String, Instant, HeaderMap, String);
+
     #[derive(Clone, Default)]
     struct Seen {
-        calls: Arc<Mutex<Vec<(String, Instant, HeaderMap, String)>>>,
+        calls: Arc<Mutex<Vec<Call>>>,
     }
 
     async fn record(seen: &Seen, path: &str, headers: HeaderMap, body: String) -> usize {

@@ -25,10 +25,27 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let n: usize = args.next().map(|a| a.parse()).transpose().context("N")?.unwrap_or(100_000);
-    let conc: u16 = args.next().map(|a| a.parse()).transpose().context("CONCURRENCY")?.unwrap_or(64);
-    let rounds: usize = args.next().map(|a| a.parse()).transpose().context("ROUNDS")?.unwrap_or(1);
-    println!("bench-worker: {n} no-op tasks per phase, concurrency/prefetch {conc}, {rounds} round(s)");
+    let n: usize = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()
+        .context("N")?
+        .unwrap_or(100_000);
+    let conc: u16 = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()
+        .context("CONCURRENCY")?
+        .unwrap_or(64);
+    let rounds: usize = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()
+        .context("ROUNDS")?
+        .unwrap_or(1);
+    println!(
+        "bench-worker: {n} no-op tasks per phase, concurrency/prefetch {conc}, {rounds} round(s)"
+    );
 
     // Rounds after the first alternate the order (worker, raw, raw, worker, ...),
     // so drift in the machine's load does not favour either path.
@@ -36,7 +53,11 @@ async fn main() -> anyhow::Result<()> {
     let only = std::env::var("BENCH_ONLY").ok();
     let (mut worker_secs, mut raw_secs) = (0.0, 0.0);
     for round in 0..rounds {
-        let order = if round % 2 == 0 { [true, false] } else { [false, true] };
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
         for worker_first in order {
             if only.as_deref() == Some(if worker_first { "raw" } else { "worker" }) {
                 continue;
@@ -58,7 +79,10 @@ async fn main() -> anyhow::Result<()> {
     let (worker_rate, raw_rate) = (total / worker_secs, total / raw_secs);
     println!("worker (claim, run, done, ack): {worker_rate:>9.0} msgs/s");
     println!("raw (SET NX, ack):              {raw_rate:>9.0} msgs/s");
-    println!("ratio worker/raw:               {:>9.2} (target >= 0.80)", worker_rate / raw_rate);
+    println!(
+        "ratio worker/raw:               {:>9.2} (target >= 0.80)",
+        worker_rate / raw_rate
+    );
     Ok(())
 }
 
@@ -186,6 +210,9 @@ async fn raw_path(env: &TestEnv, n: usize, conc: u16) -> anyhow::Result<f64> {
     let took = t0.elapsed();
     reader.abort();
     let _ = conn.close(200, "bye".into()).await;
-    println!("  raw consumer drained {n} in {took:.2?} ({:.0} msgs/s)", n as f64 / took.as_secs_f64());
+    println!(
+        "  raw consumer drained {n} in {took:.2?} ({:.0} msgs/s)",
+        n as f64 / took.as_secs_f64()
+    );
     Ok(took.as_secs_f64())
 }
