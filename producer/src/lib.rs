@@ -99,48 +99,16 @@ impl Options {
 }
 
 /// Connects to Redis and the broker, retrying transient failures with backoff
-/// until they answer or `shutdown`. `None` on shutdown.
+/// until they answer or `shutdown`. `None` on shutdown. Redis commands are
+/// bounded by a third of the lease TTL, so a stalled Redis cannot hold a
+/// renewal past the leader's deadline.
 pub async fn connect(
     config: &Config,
     name: &str,
     shutdown: &CancellationToken,
 ) -> Result<Option<(Store, Broker)>, ProducerError> {
     let response_timeout = (config.producer.lease_ttl.get() / 3).max(Duration::from_millis(200));
-    let mut delays = backoff_forever();
-    let store = loop {
-        match Store::connect(&config.redis.url, &config.redis.namespace, response_timeout).await {
-            Ok(s) => break s,
-            Err(e) => {
-                let d = delays.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "Redis unavailable at startup");
-                tokio::select! { _ = shutdown.cancelled() => return Ok(None), _ = tokio::time::sleep(d) => {} }
-            }
-        }
-    };
-    let mut delays = backoff_forever();
-    let broker = loop {
-        match Broker::connect(&config.broker, name).await {
-            Ok(b) => break b,
-            Err(e) if e.is_transient() => {
-                let d = delays.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "Broker unavailable at startup");
-                tokio::select! { _ = shutdown.cancelled() => return Ok(None), _ = tokio::time::sleep(d) => {} }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    Ok(Some((store, broker)))
-}
-
-/// Exponential backoff with jitter, 100 ms to 5 s, without end.
-pub fn backoff_forever() -> impl Iterator<Item = Duration> {
-    use backon::BackoffBuilder;
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    Ok(cronpipe_shared::connect::connect_all(config, name, response_timeout, shutdown).await?)
 }
 
 /// Runs the producer: stand by, lead when the lease is ours, step down when it

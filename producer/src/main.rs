@@ -111,16 +111,20 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
         Command::Status { config, json } => {
-            admin_cmd(&config, |c| commands::status(&config, c, json))
+            cronpipe_shared::cli::run_tool(&config, |c| commands::status(&config, c, json))
         }
         Command::Schedule { config, command } => match config {
-            Some(config) => admin_cmd(&config, |c| commands::schedule(c, command)),
+            Some(config) => {
+                cronpipe_shared::cli::run_tool(&config, |c| commands::schedule(c, command))
+            }
             None => {
                 eprintln!("error: --config FILE (or CRONPIPE_CONFIG) is required");
                 Ok(ExitCode::from(2))
             }
         },
-        Command::Enqueue { config, args } => admin_cmd(&config, |c| commands::enqueue(c, args)),
+        Command::Enqueue { config, args } => {
+            cronpipe_shared::cli::run_tool(&config, |c| commands::enqueue(c, args))
+        }
     };
     match result {
         Ok(code) => code,
@@ -131,32 +135,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(path: &Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|errors| {
-        eprint!("{errors}");
-        ExitCode::from(2)
-    })
-}
-
-/// Loads the config and runs an operator command on a small runtime.
-fn admin_cmd<F, Fut>(path: &Path, f: F) -> anyhow::Result<ExitCode>
-where
-    F: FnOnce(Config) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
-{
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return Ok(code),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(f(config))
-}
-
 fn check(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = match load(path) {
+    let config = match cronpipe_shared::cli::load_config(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -224,7 +204,7 @@ fn next(
 }
 
 fn run(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = match load(path) {
+    let config = match cronpipe_shared::cli::load_config(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };

@@ -1,6 +1,8 @@
 //! cronpipe's shared library: everything the producer and the worker agree on.
 //!
 //! - [`envelope`]: the versioned task message (public contract, JSON Schema in `docs/`).
+//! - [`connect`]: startup connections to Redis and the broker, with backoff.
+//! - [`cli`]: config loading and tool runner shared by both binaries.
 //! - [`config`]: the TOML config, environment overrides and validation.
 //! - [`schedule`]: cron / interval / ISO 8601 slot computation with DST rules.
 //! - [`duration`]: `"30s"`-style durations in config.
@@ -14,7 +16,9 @@
 
 pub mod backoff;
 pub mod broker;
+pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod deadletter;
 pub mod duration;
 pub mod envelope;

@@ -129,46 +129,10 @@ pub async fn connect(
     name: &str,
     shutdown: &CancellationToken,
 ) -> Result<Option<(Store, Broker)>, WorkerError> {
-    let mut delays = cronpipe_shared_backoff();
-    let store = loop {
-        match Store::connect(
-            &config.redis.url,
-            &config.redis.namespace,
-            Duration::from_secs(5),
-        )
-        .await
-        {
-            Ok(s) => break s,
-            Err(e) => {
-                let d = delays.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "Redis unavailable at startup");
-                tokio::select! { _ = shutdown.cancelled() => return Ok(None), _ = tokio::time::sleep(d) => {} }
-            }
-        }
-    };
-    let mut delays = cronpipe_shared_backoff();
-    let broker = loop {
-        match Broker::connect(&config.broker, name).await {
-            Ok(b) => break b,
-            Err(e) if e.is_transient() => {
-                let d = delays.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "Broker unavailable at startup");
-                tokio::select! { _ = shutdown.cancelled() => return Ok(None), _ = tokio::time::sleep(d) => {} }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    Ok(Some((store, broker)))
-}
-
-fn cronpipe_shared_backoff() -> impl Iterator<Item = Duration> {
-    use backon::BackoffBuilder;
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    Ok(
+        cronpipe_shared::connect::connect_all(config, name, Duration::from_secs(5), shutdown)
+            .await?,
+    )
 }
 
 /// Consumes until `shutdown`, then stops taking deliveries, lets in-flight

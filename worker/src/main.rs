@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cronpipe_shared::Config;
 use cronpipe_worker::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -67,13 +66,15 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
         Command::Dlq { config, command } => match config {
-            Some(config) => tool(&config, |c| commands::dlq(c, command)),
+            Some(config) => cronpipe_shared::cli::run_tool(&config, |c| commands::dlq(c, command)),
             None => {
                 eprintln!("error: --config FILE (or CRONPIPE_CONFIG) is required");
                 Ok(ExitCode::from(2))
             }
         },
-        Command::History { config, args } => tool(&config, |c| commands::history(c, args)),
+        Command::History { config, args } => {
+            cronpipe_shared::cli::run_tool(&config, |c| commands::history(c, args))
+        }
     };
     match result {
         Ok(code) => code,
@@ -84,32 +85,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(path: &Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|errors| {
-        eprint!("{errors}");
-        ExitCode::from(2)
-    })
-}
-
-/// Loads the config and runs an operator command on a small runtime.
-fn tool<F, Fut>(path: &Path, f: F) -> anyhow::Result<ExitCode>
-where
-    F: FnOnce(Config) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
-{
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return Ok(code),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(f(config))
-}
-
 fn check(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = match load(path) {
+    let config = match cronpipe_shared::cli::load_config(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -130,7 +107,7 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
 }
 
 fn run(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = match load(path) {
+    let config = match cronpipe_shared::cli::load_config(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };

@@ -1,0 +1,55 @@
+//! Startup connections shared by both binaries: Redis and the broker, each
+//! retried with exponential backoff and jitter (100 ms doubling to 5 s, without
+//! end) until it answers or shutdown is requested. A broker setup conflict
+//! (for example a queue of another type) is not retried: it needs a fix.
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Broker, BrokerError, Config, Store};
+
+/// Exponential backoff with jitter, 100 ms to 5 s, without end.
+pub fn backoff_forever() -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Connects to Redis (commands bounded by `response_timeout`) and the broker
+/// (as client `name`). `Ok(None)` when `shutdown` came first.
+pub async fn connect_all(
+    config: &Config,
+    name: &str,
+    response_timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Option<(Store, Broker)>, BrokerError> {
+    let mut delays = backoff_forever();
+    let store = loop {
+        match Store::connect(&config.redis.url, &config.redis.namespace, response_timeout).await {
+            Ok(s) => break s,
+            Err(e) => {
+                let d = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "Redis unavailable at startup");
+                tokio::select! { _ = shutdown.cancelled() => return Ok(None), _ = tokio::time::sleep(d) => {} }
+            }
+        }
+    };
+    let mut delays = backoff_forever();
+    let broker = loop {
+        match Broker::connect(&config.broker, name).await {
+            Ok(b) => break b,
+            Err(e) if e.is_transient() => {
+                let d = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "Broker unavailable at startup");
+                tokio::select! { _ = shutdown.cancelled() => return Ok(None), _ = tokio::time::sleep(d) => {} }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(Some((store, broker)))
+}
