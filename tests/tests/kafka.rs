@@ -514,3 +514,39 @@ async fn a_retry_copy_not_yet_due_blocks_neither_work_nor_commits() {
     w.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeue_republishes_the_message_and_it_comes_back_flagged_redelivered() {
+    let env = KafkaEnv::mock("requeue", 1).await;
+    let e = Envelope::new("t", serde_json::json!(1));
+    env.broker.publish(&e).await.expect("publish");
+    let mut consumer = env
+        .broker
+        .consume(4, "requeue-test")
+        .await
+        .expect("consume");
+    let first = tokio::time::timeout(REPORT_WAIT, consumer.next())
+        .await
+        .expect("a delivery")
+        .expect("open");
+    assert!(!first.redelivered());
+    assert_eq!(Envelope::decode(first.body()).expect("envelope").id, e.id);
+    first.requeue().await.expect("requeue");
+    let again = tokio::time::timeout(REPORT_WAIT, consumer.next())
+        .await
+        .expect("the message comes back")
+        .expect("open");
+    assert!(again.redelivered());
+    assert_eq!(Envelope::decode(again.body()).expect("envelope").id, e.id);
+    again.ack().await.expect("ack");
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            env.committed(&env.topic).await == vec![(0, Some(2))]
+        })
+        .await,
+        "both the original and the copy are committed: {:?}",
+        env.committed(&env.topic).await
+    );
+    consumer.cancel().await;
+    env.cleanup().await;
+}

@@ -83,6 +83,9 @@ pub const HEADER_REQUEUED: &str = "x-cronpipe-requeued";
 
 /// How often the poll loop releases due retry messages, resumes and commits.
 const TICK: Duration = Duration::from_millis(25);
+/// How long the poll loop may go without reading (every worker slot busy,
+/// the hand-off buffer full) before it pauses every partition and reads again.
+const STALL_PAUSE: Duration = Duration::from_secs(5);
 /// How long metadata and admin requests at startup may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the final synchronous commit of a closing consumer may take.
@@ -476,6 +479,7 @@ impl Kafka {
             overflow: VecDeque::new(),
             held: BTreeMap::new(),
             bp_paused: false,
+            stalled_since: None,
             high,
             low: high / 4,
         };
@@ -884,8 +888,10 @@ struct PollLoop {
     overflow: VecDeque<KafkaDelivery>,
     /// Retry messages not yet due, by retry partition (each such partition is paused).
     held: BTreeMap<i32, VecDeque<(KafkaDelivery, i64)>>,
-    /// Whether every partition is paused because `overflow` is long.
+    /// Whether every partition is paused because `overflow` stayed full.
     bp_paused: bool,
+    /// Since when `overflow` is full and the loop stopped reading messages.
+    stalled_since: Option<std::time::Instant>,
     high: usize,
     low: usize,
 }
@@ -913,7 +919,11 @@ impl PollLoop {
                     }
                     Err(_) => self.overflow.clear(),
                 },
-                m = stream.next() => match m {
+                // Backpressure: with `high` deliveries waiting, stop reading and
+                // let librdkafka's own prefetch limit stop the fetching. Pausing
+                // instead would throw its prefetched messages away and cost a
+                // re-fetch per cycle; it is kept for long stalls (see `housekeeping`).
+                m = stream.next(), if self.overflow.len() < self.high || self.bp_paused => match m {
                     Some(Ok(m)) => self.on_message(m.detach()),
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "Kafka consume error");
@@ -983,7 +993,19 @@ impl PollLoop {
         } else {
             self.overflow.push_back(d);
         }
-        if self.overflow.len() >= self.high && !self.bp_paused {
+        if self.overflow.len() >= self.high && self.stalled_since.is_none() {
+            self.stalled_since = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Pauses every partition after the loop stopped reading for [`STALL_PAUSE`]:
+    /// it can then read again, so rebalances and `max.poll.interval.ms` are
+    /// served while every worker slot is busy with long tasks.
+    fn pause_if_stalled(&mut self) {
+        let stalled = self
+            .stalled_since
+            .is_some_and(|at| at.elapsed() >= STALL_PAUSE);
+        if stalled && !self.bp_paused {
             if let Ok(all) = self.consumer.assignment() {
                 if let Err(e) = self.consumer.pause(&all) {
                     tracing::warn!(error = %e, "Could not pause partitions");
@@ -994,6 +1016,9 @@ impl PollLoop {
     }
 
     fn maybe_resume(&mut self) {
+        if self.overflow.len() < self.high {
+            self.stalled_since = None;
+        }
         if self.bp_paused && self.overflow.len() <= self.low {
             self.bp_paused = false;
             let mut tpl = TopicPartitionList::new();
@@ -1081,6 +1106,7 @@ impl PollLoop {
             }
         }
         self.maybe_resume();
+        self.pause_if_stalled();
         let commits = self.shared.tracker().take_commits();
         if !commits.is_empty() {
             if let Err(e) = self
