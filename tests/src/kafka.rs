@@ -199,6 +199,15 @@ impl KafkaEnv {
         }
     }
 
+    /// Another world (its own topics, group and Redis namespace) on the same cluster.
+    pub async fn sibling(&self, name: &str) -> KafkaEnv {
+        let cluster = match &self.cluster {
+            Cluster::Mock(m) => Cluster::Mock(m.clone()),
+            Cluster::External(b) => Cluster::External(b.clone()),
+        };
+        Self::with_cluster(name, self.partitions, cluster).await
+    }
+
     /// Bootstrap servers.
     pub fn brokers(&self) -> String {
         match &self.cluster {

@@ -74,16 +74,20 @@ async fn main() -> anyhow::Result<()> {
     let cronpipe = cronpipe_path(&env, n, conc).await;
     let raw = raw_path(&env, n, conc, partitions as i32, RawWork::SetNx).await;
     let raw_store = raw_path(&env, n, conc, partitions as i32, RawWork::ClaimFinish).await;
+    let adapter_env = env.sibling("bench-adapter").await;
+    let adapter = adapter_path(&adapter_env, n, conc).await;
+    adapter_env.cleanup().await;
     env.cleanup().await;
-    let (c, r, rs) = (cronpipe?, raw?, raw_store?);
-    println!("                              produce/s   consume/s   end-to-end/s");
+    let (c, r, rs, a) = (cronpipe?, raw?, raw_store?, adapter?);
+    println!("{:<50}  produce/s   consume/s   end-to-end/s", "");
     for (name, x) in [
         ("cronpipe worker (full path)", &c),
         ("raw rdkafka + SET NX", &r),
         ("raw rdkafka + claim/finish", &rs),
+        ("cronpipe Kafka consumer + claim/finish (no worker)", &a),
     ] {
         println!(
-            "{name:<28}  {:>9.0}   {:>9.0}   {:>12.0}",
+            "{name:<50}  {:>9.0}   {:>9.0}   {:>12.0}",
             x.produce, x.consume, x.end_to_end
         );
     }
@@ -92,13 +96,79 @@ async fn main() -> anyhow::Result<()> {
         ("ratio vs raw + claim/finish", &rs),
     ] {
         println!(
-            "{name:<28}  {:>9.2}   {:>9.2}   {:>12.2}   (target end-to-end >= 0.80)",
+            "{name:<50}  {:>9.2}   {:>9.2}   {:>12.2}   (target end-to-end >= 0.80)",
             c.produce / x.produce,
             c.consume / x.consume,
             c.end_to_end / x.end_to_end
         );
     }
     Ok(())
+}
+
+/// The Kafka adapter alone: `Broker::consume` deliveries with the raw
+/// harness's claim/finish work and an ack, without the worker loop.
+async fn adapter_path(env: &KafkaEnv, n: usize, conc: usize) -> anyhow::Result<Rates> {
+    let envs: Vec<Envelope> = (0..n + WARMUP)
+        .map(|_| Envelope::new("noop", serde_json::Value::Null))
+        .collect();
+    for r in env.broker.publish_batch(&envs[..WARMUP]).await {
+        r.context("publishing")?;
+    }
+    let t0 = Instant::now();
+    for chunk in envs[WARMUP..].chunks(5000) {
+        for r in env.broker.publish_batch(chunk).await {
+            r.context("publishing")?;
+        }
+    }
+    let produced = t0.elapsed();
+    let config = env.config("");
+    let broker = cronpipe_shared::Broker::connect(&config.broker, "bench-adapter").await?;
+    let t1 = Instant::now();
+    let mut consumer = broker.consume(conc as u16, "bench-adapter").await?;
+    let slots = Arc::new(Semaphore::new(conc));
+    let (tx, mut rx) = mpsc::unbounded_channel::<anyhow::Result<()>>();
+    let store = env.store.clone();
+    let reader = tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let Some(d) = consumer.next().await else {
+                return;
+            };
+            let (tx, store) = (tx.clone(), store.clone());
+            tokio::spawn(async move {
+                let day = Duration::from_secs(86_400);
+                let r: anyhow::Result<()> = async {
+                    let e = Envelope::decode(d.body())?;
+                    store.claim(e.key(), "adapter", Duration::from_secs(30), day).await?;
+                    store.finish(e.key(), "adapter", Outcome::Done, day).await?;
+                    d.ack().await?;
+                    Ok(())
+                }
+                .await;
+                drop(permit);
+                let _ = tx.send(r);
+            });
+        }
+    });
+    let mut ok = 0usize;
+    while ok < n + WARMUP {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(Ok(()))) => ok += 1,
+            Ok(Some(Err(e))) => bail!("adapter consumer failed: {e:#}"),
+            Ok(None) | Err(_) => bail!("adapter consumer stalled after {ok} of {n}"),
+        }
+    }
+    let consumed = t1.elapsed();
+    reader.abort();
+    broker.close().await;
+    Ok(Rates {
+        produce: n as f64 / produced.as_secs_f64(),
+        consume: (n + WARMUP) as f64 / consumed.as_secs_f64(),
+        end_to_end: (n + WARMUP) as f64
+            / (produced.mul_f64((n + WARMUP) as f64 / n as f64) + consumed).as_secs_f64(),
+    })
 }
 
 async fn cronpipe_path(env: &KafkaEnv, n: usize, conc: usize) -> anyhow::Result<Rates> {
