@@ -168,6 +168,9 @@ impl Broker {
 }
 
 /// A stream of deliveries from the work queue.
+// The RabbitMQ variant is the larger; boxing it would add an allocation per
+// delivery on the RabbitMQ path, and these values are short-lived.
+#[allow(clippy::large_enum_variant)]
 pub enum Consumer {
     /// RabbitMQ consumer.
     Rabbit(rabbitmq::RabbitConsumer),
@@ -194,6 +197,9 @@ impl Consumer {
 }
 
 /// One delivered message and the means to settle it.
+// The RabbitMQ variant is the larger; boxing it would add an allocation per
+// delivery on the RabbitMQ path, and these values are short-lived.
+#[allow(clippy::large_enum_variant)]
 pub enum Delivery {
     /// RabbitMQ delivery.
     Rabbit(rabbitmq::RabbitDelivery),

@@ -101,9 +101,16 @@ impl KafkaProperties {
     /// Whether the value of the setting `key` is a secret (passwords, keys, JAAS and OAuth configs).
     pub fn is_secret(key: &str) -> bool {
         let k = key.to_ascii_lowercase();
-        ["password", "secret", "jaas", "ssl.key.pem", "oauthbearer.config", "token"]
-            .iter()
-            .any(|s| k.contains(s))
+        [
+            "password",
+            "secret",
+            "jaas",
+            "ssl.key.pem",
+            "oauthbearer.config",
+            "token",
+        ]
+        .iter()
+        .any(|s| k.contains(s))
     }
 
     /// The settings with secret values replaced by `***`, for logs.

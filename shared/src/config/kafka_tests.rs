@@ -99,7 +99,10 @@ fn secret_properties_are_redacted_in_debug_output() {
     assert!(!printed.contains("hunter2"), "{printed}");
     assert!(!printed.contains("secret=y"), "{printed}");
     assert!(printed.contains("***"), "{printed}");
-    assert!(printed.contains("svc"), "non-secrets stay readable: {printed}");
+    assert!(
+        printed.contains("svc"),
+        "non-secrets stay readable: {printed}"
+    );
     let red = c.broker.kafka.properties.redacted();
     assert_eq!(red["sasl.password"], "***");
     assert_eq!(red["ssl.key.password"], "***");

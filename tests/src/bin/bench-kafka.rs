@@ -141,7 +141,9 @@ async fn adapter_path(env: &KafkaEnv, n: usize, conc: usize) -> anyhow::Result<R
                 let day = Duration::from_secs(86_400);
                 let r: anyhow::Result<()> = async {
                     let e = Envelope::decode(d.body())?;
-                    store.claim(e.key(), "adapter", Duration::from_secs(30), day).await?;
+                    store
+                        .claim(e.key(), "adapter", Duration::from_secs(30), day)
+                        .await?;
                     store.finish(e.key(), "adapter", Outcome::Done, day).await?;
                     d.ack().await?;
                     Ok(())
@@ -202,7 +204,10 @@ async fn cronpipe_path(env: &KafkaEnv, n: usize, conc: usize) -> anyhow::Result<
     }
     let consumed = t1.elapsed();
     w.shutdown().await;
-    println!("  cronpipe: worker drained {} in {consumed:.2?}", n + WARMUP);
+    println!(
+        "  cronpipe: worker drained {} in {consumed:.2?}",
+        n + WARMUP
+    );
     Ok(Rates {
         produce: n as f64 / produced.as_secs_f64(),
         consume: (n + WARMUP) as f64 / consumed.as_secs_f64(),
@@ -358,7 +363,10 @@ async fn raw_path(
     let consumed = t1.elapsed();
     reader.abort();
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
-    println!("  raw ({work:?}): consumer drained {} in {consumed:.2?}", n + WARMUP);
+    println!(
+        "  raw ({work:?}): consumer drained {} in {consumed:.2?}",
+        n + WARMUP
+    );
     Ok(Rates {
         produce: n as f64 / produced.as_secs_f64(),
         consume: (n + WARMUP) as f64 / consumed.as_secs_f64(),
