@@ -381,7 +381,12 @@ impl Store {
 
     /// Stores a runtime schedule definition. `create` fails (returns false) if
     /// the name exists; otherwise it fails if the name does not exist.
-    pub async fn put_dynamic_schedule(&self, name: &str, json: &str, create: bool) -> StoreResult<bool> {
+    pub async fn put_dynamic_schedule(
+        &self,
+        name: &str,
+        json: &str,
+        create: bool,
+    ) -> StoreResult<bool> {
         let mut c = self.conn.clone();
         let exists: bool = c.hexists(self.keys.dynamic_schedules(), name).await?;
         if exists == create {

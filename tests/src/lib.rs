@@ -18,7 +18,8 @@ pub fn redis_url() -> String {
 
 /// AMQP URL used by the suite (`CRONPIPE_TEST_AMQP_URL` overrides).
 pub fn amqp_url() -> String {
-    std::env::var("CRONPIPE_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("CRONPIPE_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// One test's isolated world.
@@ -85,10 +86,10 @@ impl TestEnv {
     pub fn rabbit(&self) -> &Rabbit {
         match &self.broker {
             Broker::Rabbit(r) => r,
-        }
             Broker::Kafka(_) => {
                 panic!("TestEnv runs on RabbitMQ; Kafka tests use cronpipe_tests::kafka")
             }
+        }
     }
 
     /// Base config text for this world: its namespace and queue, short timings.
@@ -179,7 +180,14 @@ command = ["/bin/sh", "-c", "echo \"$CRONPIPE_TASK_ID ${{CRONPIPE_SCHEDULE:--}} 
     pub async fn cleanup(self) {
         let _ = self.rabbit().delete_topology().await;
         let mut conn = self.store.connection();
-        let pattern = format!("{}*", self.store.keys().prefix().replace('{', "\\{").replace('}', "\\}"));
+        let pattern = format!(
+            "{}*",
+            self.store
+                .keys()
+                .prefix()
+                .replace('{', "\\{")
+                .replace('}', "\\}")
+        );
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(&pattern)
             .query_async(&mut conn)
