@@ -245,6 +245,9 @@ async fn async_run(path: PathBuf, config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("serving producer.http_addr = {addr}"))?;
     }
+    // Not needed past this point (the admin API holds its own copy), and with
+    // 10,000 schedules the parsed file is megabytes of heap.
+    drop(config);
     cronpipe_producer::run(opts, store, broker, rx, shutdown)
         .await
         .context("producer stopped")?;

@@ -36,8 +36,8 @@ pub struct Ctx<'a> {
     pub shutdown: &'a CancellationToken,
 }
 
+/// Run state of one schedule; its definition is `State::defs` at the same index.
 struct Entry {
-    def: BuiltSchedule,
     /// Last slot handled (published or deliberately skipped).
     cursor: DateTime<Utc>,
     /// Publishing backoff while the broker fails.
@@ -47,11 +47,11 @@ struct Entry {
 }
 
 impl Entry {
-    fn due(&self) -> Option<DateTime<Utc>> {
-        if !self.def.enabled {
+    fn due(&self, def: &BuiltSchedule) -> Option<DateTime<Utc>> {
+        if !def.enabled {
             return None;
         }
-        let next = self.def.schedule.next_after(self.cursor)?;
+        let next = def.schedule.next_after(self.cursor)?;
         Some(match self.retry_at {
             Some(r) => r.max(next),
             None => next,
@@ -60,6 +60,9 @@ impl Entry {
 }
 
 struct State {
+    /// The schedule set being run, shared with the sender (not copied).
+    defs: Arc<Vec<BuiltSchedule>>,
+    /// `entries[i]` is the run state of `defs[i]`.
     entries: Vec<Entry>,
     heap: BinaryHeap<Reverse<(DateTime<Utc>, usize, u64)>>,
     /// Watermarks to write (cursor moved but not yet stored).
@@ -70,7 +73,7 @@ impl State {
     fn push(&mut self, idx: usize) {
         let e = &mut self.entries[idx];
         e.gen += 1;
-        if let Some(due) = e.due() {
+        if let Some(due) = e.due(&self.defs[idx]) {
             self.heap.push(Reverse((due, idx, e.gen)));
         }
     }
@@ -136,30 +139,37 @@ async fn load(ctx: &mut Ctx<'_>, lease: &Lease) -> Option<State> {
 }
 
 fn build_state(
-    defs: &[BuiltSchedule],
+    defs: &Arc<Vec<BuiltSchedule>>,
     marks: &HashMap<String, DateTime<Utc>>,
     now: DateTime<Utc>,
     previous: Option<&State>,
 ) -> State {
     let mut state = State {
+        defs: defs.clone(),
         entries: Vec::with_capacity(defs.len()),
         heap: BinaryHeap::with_capacity(defs.len()),
         dirty: HashMap::new(),
     };
-    let old: HashMap<&str, &Entry> = previous
-        .map(|p| p.entries.iter().map(|e| (e.def.name.as_str(), e)).collect())
+    let old: HashMap<&str, (&BuiltSchedule, &Entry)> = previous
+        .map(|p| {
+            p.defs
+                .iter()
+                .zip(&p.entries)
+                .map(|(d, e)| (d.name.as_str(), (d, e)))
+                .collect()
+        })
         .unwrap_or_default();
-    for def in defs {
+    for def in defs.iter() {
         let idx = state.entries.len();
         let (cursor, fresh) = match (old.get(def.name.as_str()), marks.get(&def.name)) {
             // A changed expression's slots are not the old one's: the schedule
             // continues from now under its new timing, without catching up
             // slots the new timing would have had in the past.
-            (Some(e), _) if !same_timing(&e.def.schedule, &def.schedule) => {
+            (Some((old_def, e)), _) if !same_timing(&old_def.schedule, &def.schedule) => {
                 tracing::info!(schedule = %def.name, "Schedule timing changed; it continues from now");
                 (e.cursor.max(now), true)
             }
-            (Some(e), _) => (e.cursor, false),
+            (Some((_, e)), _) => (e.cursor, false),
             (None, Some(wm)) => (*wm, false),
             // A new schedule starts from now; it never back-fills.
             (None, None) => {
@@ -172,7 +182,6 @@ fn build_state(
             state.dirty.insert(idx, cursor);
         }
         state.entries.push(Entry {
-            def: def.clone(),
             cursor,
             backoff: None,
             retry_at: None,
@@ -217,19 +226,19 @@ pub async fn lead(ctx: &mut Ctx<'_>, lease: &Lease) -> Exit {
             };
             let defs = ctx.schedules.borrow_and_update().clone();
             let removed: Vec<String> = state
-                .entries
+                .defs
                 .iter()
-                .map(|e| e.def.name.clone())
+                .map(|d| d.name.clone())
                 .filter(|n| !defs.iter().any(|d| &d.name == n))
                 .collect();
             let dirty_before: Vec<(String, DateTime<Utc>)> = state
                 .dirty
                 .iter()
-                .map(|(i, t)| (state.entries[*i].def.name.clone(), *t))
+                .map(|(i, t)| (state.defs[*i].name.clone(), *t))
                 .collect();
             let mut next = build_state(&defs, &marks, ctx.clock.now(), Some(&state));
             for (name, t) in dirty_before {
-                if let Some(i) = next.entries.iter().position(|e| e.def.name == name) {
+                if let Some(i) = next.defs.iter().position(|d| d.name == name) {
                     let mark = next.dirty.entry(i).or_insert(t);
                     *mark = (*mark).max(t);
                 }
@@ -295,7 +304,7 @@ async fn flush_watermarks(ctx: &Ctx<'_>, lease: &Lease, state: &mut State) {
     let marks: Vec<(usize, DateTime<Utc>)> = state.dirty.iter().map(|(i, t)| (*i, *t)).collect();
     let named: Vec<(&str, DateTime<Utc>)> = marks
         .iter()
-        .map(|(i, t)| (state.entries[*i].def.name.as_str(), *t))
+        .map(|(i, t)| (state.defs[*i].name.as_str(), *t))
         .collect();
     match ctx.store.advance_watermarks(&lease.value, &named).await {
         Ok(true) => state.dirty.clear(),
@@ -325,10 +334,10 @@ async fn fire(
     // (entry, slots of this entry in `batch` as a range, plan cursor)
     let mut owners: Vec<(usize, std::ops::Range<usize>, Option<DateTime<Utc>>)> = Vec::new();
     for idx in due {
-        let entry = &mut state.entries[idx];
-        let plan = misfire::plan(&entry.def, entry.cursor, now, ctx.threshold);
-        let name = entry.def.name.as_str();
-        let policy = entry.def.misfire.as_str();
+        let (def, entry) = (&state.defs[idx], &state.entries[idx]);
+        let plan = misfire::plan(def, entry.cursor, now, ctx.threshold);
+        let name = def.name.as_str();
+        let policy = def.misfire.as_str();
         if plan.truncated {
             tracing::warn!(
                 schedule = name,
@@ -353,8 +362,8 @@ async fn fire(
             batch.push(Envelope::scheduled(
                 name,
                 *slot,
-                entry.def.task.clone(),
-                entry.def.payload.clone(),
+                def.task.clone(),
+                def.payload.clone(),
                 lease.token,
                 now,
             ));
@@ -384,7 +393,7 @@ async fn fire(
     let confirmed_at = ctx.clock.now();
     for (idx, range, plan_cursor) in owners {
         let entry = &mut state.entries[idx];
-        let name = entry.def.name.clone();
+        let name = state.defs[idx].name.clone();
         let mut failed_at: Option<(DateTime<Utc>, String)> = None;
         for i in range {
             let env = &batch[i];

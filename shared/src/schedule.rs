@@ -20,10 +20,9 @@ use croner::Cron;
 pub enum Schedule {
     /// A cron expression evaluated in a timezone.
     Cron {
-        /// The expression as written.
+        /// The expression as written (validated; its parsed pattern lives in
+        /// a bounded cache shared by all schedules, see [`parsed_cron`]).
         expr: String,
-        /// The parsed pattern.
-        cron: Box<Cron>,
         /// Zone the expression's wall-clock fields are read in.
         tz: Tz,
     },
@@ -289,12 +288,10 @@ impl IsoRepeat {
 impl Schedule {
     /// Builds a cron schedule.
     pub fn cron(expr: &str, tz: Tz) -> Result<Self, String> {
-        let cron = parse_cron(expr)?;
-        Ok(Schedule::Cron {
-            expr: expr.trim().to_string(),
-            cron: Box::new(cron),
-            tz,
-        })
+        let expr = expr.trim().to_string();
+        let cron = parse_cron(&expr)?;
+        cron_cache::insert(&expr, std::sync::Arc::new(cron));
+        Ok(Schedule::Cron { expr, tz })
     }
 
     /// Builds an interval schedule.
@@ -318,7 +315,8 @@ impl Schedule {
     /// The first slot strictly after `after`, or `None` when the schedule has no more slots.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
-            Schedule::Cron { cron, tz, .. } => {
+            Schedule::Cron { expr, tz } => {
+                let cron = parsed_cron(expr)?;
                 // Slots have whole-second resolution; start from the second boundary.
                 let base = after.with_timezone(tz);
                 cron.find_next_occurrence(&base, false)
@@ -377,6 +375,85 @@ impl DisplayZone {
             DisplayZone::Tz(tz) => t.with_timezone(tz).to_rfc3339(),
             DisplayZone::Fixed(off) => t.with_timezone(off).to_rfc3339(),
         }
+    }
+}
+
+/// The parsed pattern of a validated cron expression, from a bounded cache
+/// shared by every schedule (parsed again if it was evicted). Parsed patterns
+/// are not kept per schedule because croner holds about 5 KB per pattern (a
+/// bit for every year it can search), which for 10,000 schedules would be
+/// 50 MB per copy of the schedule set.
+pub fn parsed_cron(expr: &str) -> Option<std::sync::Arc<Cron>> {
+    if let Some(c) = cron_cache::get(expr) {
+        return Some(c);
+    }
+    let cron = std::sync::Arc::new(parse_cron(expr).ok()?);
+    cron_cache::insert(expr, cron.clone());
+    Some(cron)
+}
+
+/// Parsed cron patterns by expression text, least recently used evicted
+/// beyond [`cron_cache::CAPACITY`]. A working set larger than that (more
+/// distinct expressions firing every second than it holds) still works, at
+/// the cost of parsing again (about 20 µs per expression) when evicted.
+pub mod cron_cache {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use croner::Cron;
+
+    /// Most parsed patterns kept (about 5 KB each).
+    pub const CAPACITY: usize = 256;
+
+    struct Cache {
+        map: HashMap<String, (Arc<Cron>, u64)>,
+        tick: u64,
+    }
+
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+
+    fn with<T>(f: impl FnOnce(&mut Cache) -> T) -> T {
+        let mut guard = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+        let cache = guard.get_or_insert_with(|| Cache {
+            map: HashMap::new(),
+            tick: 0,
+        });
+        cache.tick += 1;
+        f(cache)
+    }
+
+    /// The cached pattern of `expr`, if present (marks it recently used).
+    pub fn get(expr: &str) -> Option<Arc<Cron>> {
+        with(|c| {
+            let tick = c.tick;
+            c.map.get_mut(expr).map(|(cron, used)| {
+                *used = tick;
+                cron.clone()
+            })
+        })
+    }
+
+    /// Caches the pattern of `expr`, evicting the least recently used when full.
+    pub fn insert(expr: &str, cron: Arc<Cron>) {
+        with(|c| {
+            if !c.map.contains_key(expr) && c.map.len() >= CAPACITY {
+                if let Some(oldest) = c
+                    .map
+                    .iter()
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(k, _)| k.clone())
+                {
+                    c.map.remove(&oldest);
+                }
+            }
+            let tick = c.tick;
+            c.map.insert(expr.to_string(), (cron, tick));
+        })
+    }
+
+    /// Number of cached patterns.
+    pub fn len() -> usize {
+        with(|c| c.map.len())
     }
 }
 
@@ -662,5 +739,25 @@ mod tests {
         assert!(parse_iso_repeat("R5/2026-01-01T00:00:00Z/P1X")
             .unwrap_err()
             .contains("unit"));
+    }
+
+    #[test]
+    fn cron_patterns_are_cached_with_a_bound_and_reparsed_after_eviction() {
+        let exprs: Vec<String> = (0..cron_cache::CAPACITY + 50)
+            .map(|i| format!("{} {} {} * * 1", i % 60, (i / 60) % 60, i / 3600 + 3))
+            .collect();
+        let schedules: Vec<Schedule> = exprs
+            .iter()
+            .map(|e| Schedule::cron(e, Tz::UTC).unwrap())
+            .collect();
+        assert!(cron_cache::len() <= cron_cache::CAPACITY);
+        // The first ones were evicted; they still compute the same slots.
+        let from = utc("2026-01-01T00:00:00Z");
+        let first = schedules[0].next_after(from).unwrap();
+        assert_eq!(first, utc("2026-01-05T03:00:00Z"));
+        assert_eq!(
+            schedules[61].next_after(from).unwrap(),
+            utc("2026-01-05T03:01:01Z")
+        );
     }
 }
