@@ -99,6 +99,9 @@ fn producer_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Deliveries per (schedule, slot).
+type Deliveries = BTreeMap<(String, DateTime<Utc>), usize>;
+
 struct LagRun {
     /// Lags in ms, sorted.
     lags: Vec<f64>,
@@ -205,7 +208,7 @@ async fn lag_run_in(env: &TestEnv, producer: &Path, n: usize, secs: i64) -> anyh
     bcfg.rabbitmq.queue = env.queue.clone();
     let consumer_broker = Broker::connect(&bcfg, "bench-consumer").await?;
     let mut consumer = consumer_broker.consume(2000, "bench").await?;
-    let seen: Arc<Mutex<BTreeMap<(String, DateTime<Utc>), usize>>> = Arc::default();
+    let seen: Arc<Mutex<Deliveries>> = Arc::default();
     let stop_consumer = CancellationToken::new();
     let consuming = {
         let seen = seen.clone();
