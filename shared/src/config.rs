@@ -794,7 +794,7 @@ impl Config {
             return out;
         }
         let limit = RABBITMQ_DEFAULT_CONSUMER_TIMEOUT;
-        let explain = "RabbitMQ's default consumer_timeout is 30m: a delivery held unacked that long makes \
+        let explain = "RabbitMQ's default consumer_timeout (30m): a delivery held unacked that long makes \
              the broker close the worker's channel, so this task's message and every other in-flight \
              delivery on it are redelivered while the task still runs (the claim keeps it from running \
              twice, but the acks are lost); keep task timeouts below the broker's consumer_timeout, or \
