@@ -145,7 +145,7 @@ pub async fn record_now(
         .arg("~")
         .arg(max_len)
         .arg("*")
-        .arg(&entry.fields())
+        .arg(entry.fields())
         .query_async(&mut conn)
         .await?;
     Ok(())

@@ -345,7 +345,7 @@ async fn raw_path(
                     Ok(_) => c
                         .store_offset(m.topic(), m.partition(), m.offset() + 1)
                         .map_err(Into::into),
-                    Err(e) => Err(e.into()),
+                    Err(e) => Err(e),
                 };
                 drop(permit);
                 let _ = tx.send(r);
