@@ -501,9 +501,15 @@ impl Kafka {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Whether a broker answered lately (false after librdkafka reported all brokers down).
+    /// Whether a broker answered lately: false after librdkafka reported all
+    /// brokers down, true again after the next delivery report, fetched
+    /// message or offset commit.
     pub fn is_connected(&self) -> bool {
         self.inner.connected.load(Ordering::Relaxed)
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.inner.connected.store(up, Ordering::Relaxed);
     }
 
     /// Stops this connection's consumers (final commit, leave the group) and
@@ -825,6 +831,9 @@ impl ClientContext for ConsumerCtx {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.shared.kafka.set_connected(false);
+        }
         tracing::warn!(error = %error, reason, "Kafka consumer error");
     }
 }
@@ -873,8 +882,11 @@ impl ConsumerContext for ConsumerCtx {
         result: rdkafka::error::KafkaResult<()>,
         _offsets: &TopicPartitionList,
     ) {
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "Offset commit failed; it is retried with the next one");
+        match result {
+            Ok(()) => self.shared.kafka.set_connected(true),
+            Err(e) => {
+                tracing::warn!(error = %e, "Offset commit failed; it is retried with the next one")
+            }
         }
     }
 }
@@ -953,6 +965,7 @@ impl PollLoop {
     }
 
     fn on_message(&mut self, m: OwnedMessage) {
+        self.shared.kafka.set_connected(true);
         let Some(lane) = self.shared.topics.lane(m.topic()) else {
             return;
         };
