@@ -14,6 +14,10 @@
 //!
 //! Targets: single schedule p99 ≤ 5 ms; 1,000 schedules p99 ≤ 100 ms with no
 //! slot missed; RSS ≤ 30 MB with 10,000 schedules.
+//!
+//! `BENCH_FLOOR=1` first times the broker alone (`publish_batch` of 1 and of
+//! 1,000 prebuilt envelopes, no producer), the floor under the lag figures;
+//! `BENCH_ONLY=rss` runs only the memory part.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -42,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
         producer.display()
     );
 
+    // The broker's own cost, for comparison: BENCH_FLOOR=1.
     if std::env::var_os("BENCH_FLOOR").is_some() {
         floor().await?;
     }
@@ -432,65 +437,6 @@ async fn floor() -> anyhow::Result<()> {
             .collect();
         println!("floor: building {n} envelopes: {:?}", t.elapsed());
         drop(envs);
-    }
-    for kind in ["quorum", "classic"] {
-        use lapin::options::*;
-        let conn =
-            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        let q = format!("{}.{kind}", env.queue);
-        let mut args = lapin::types::FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            lapin::types::AMQPValue::LongString(kind.into()),
-        );
-        ch.queue_declare(
-            q.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await?;
-        let body =
-            Envelope::scheduled("s", Utc::now(), "t", serde_json::Value::Null, 1, Utc::now())
-                .to_json();
-        let mut sends = Vec::new();
-        let mut totals = Vec::new();
-        for _ in 0..10 {
-            let t = Instant::now();
-            let mut pending = Vec::new();
-            for _ in 0..1000 {
-                pending.push(
-                    ch.basic_publish(
-                        "".into(),
-                        q.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        lapin::BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await?,
-                );
-            }
-            sends.push(t.elapsed().as_secs_f64() * 1e3);
-            for p in pending {
-                p.await?;
-            }
-            totals.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        sends.sort_by(|a, b| a.total_cmp(b));
-        totals.sort_by(|a, b| a.total_cmp(b));
-        println!(
-            "floor raw lapin {kind}: sends p50 {:.1} ms, total p50 {:.1} ms max {:.1} ms",
-            percentile(&sends, 0.5),
-            percentile(&totals, 0.5),
-            totals.last().copied().unwrap_or(0.0)
-        );
-        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await?;
-        let _ = conn.close(200, "bye".into()).await;
     }
     env.cleanup().await;
     Ok(())
