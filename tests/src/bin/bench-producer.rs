@@ -51,16 +51,25 @@ async fn main() -> anyhow::Result<()> {
         floor().await?;
     }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("rss") {
-        let rss = rss_run(&producer, 10_000).await?;
-        println!(
-            "10,000 schedules loaded: RSS {:.1} MB (peak {:.1} MB)",
-            rss.rss_mb, rss.hwm_mb
-        );
+        for payloads in [false, true] {
+            let rss = rss_run(&producer, 10_000, payloads).await?;
+            println!(
+                "10,000 schedules loaded{}: RSS {:.1} MB (peak {:.1} MB)",
+                if payloads {
+                    ", each with a JSON payload"
+                } else {
+                    ""
+                },
+                rss.rss_mb,
+                rss.hwm_mb
+            );
+        }
         return Ok(());
     }
     let single = lag_run(&producer, 1, secs).await?;
     let thousand = lag_run(&producer, 1000, secs).await?;
-    let rss = rss_run(&producer, 10_000).await?;
+    let rss = rss_run(&producer, 10_000, false).await?;
+    let rss_payloads = rss_run(&producer, 10_000, true).await?;
 
     println!();
     println!("publish lag = broker-confirmed time − slot instant");
@@ -86,6 +95,10 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "10,000 schedules loaded           RSS {:.1} MB (peak {:.1} MB), leading with baselines stored {:.1?} after start (target RSS <= 30 MB)",
         rss.rss_mb, rss.hwm_mb, rss.ready
+    );
+    println!(
+        "10,000 schedules, each with a JSON payload: RSS {:.1} MB (peak {:.1} MB)",
+        rss_payloads.rss_mb, rss_payloads.hwm_mb
     );
     Ok(())
 }
@@ -335,14 +348,19 @@ async fn lag_run_in(env: &TestEnv, producer: &Path, n: usize, secs: i64) -> anyh
     })
 }
 
-async fn rss_run(producer: &Path, n: usize) -> anyhow::Result<RssRun> {
+async fn rss_run(producer: &Path, n: usize, payloads: bool) -> anyhow::Result<RssRun> {
     let env = TestEnv::new("bench-producer-rss").await;
-    let result = rss_run_in(&env, producer, n).await;
+    let result = rss_run_in(&env, producer, n, payloads).await;
     env.cleanup().await;
     result
 }
 
-async fn rss_run_in(env: &TestEnv, producer: &Path, n: usize) -> anyhow::Result<RssRun> {
+async fn rss_run_in(
+    env: &TestEnv,
+    producer: &Path,
+    n: usize,
+    payloads: bool,
+) -> anyhow::Result<RssRun> {
     // A realistic spread: daily jobs at different minutes and hours, some every few minutes.
     let mut schedules = String::new();
     for i in 0..n {
@@ -351,8 +369,13 @@ async fn rss_run_in(env: &TestEnv, producer: &Path, n: usize) -> anyhow::Result<
         } else {
             format!("{} {} {} * * *", i % 60, (i / 60) % 60, (i / 3600) % 24)
         };
+        let payload = if payloads {
+            format!("payload = {{ n = {i} }}\n")
+        } else {
+            String::new()
+        };
         schedules.push_str(&format!(
-            "[schedule.s{i:05}]\ncron = \"{cron}\"\ntimezone = \"Europe/Berlin\"\ntask = \"t\"\npayload = {{ n = {i} }}\n"
+            "[schedule.s{i:05}]\ncron = \"{cron}\"\ntimezone = \"Europe/Berlin\"\ntask = \"t\"\n{payload}"
         ));
     }
     let cfg = env.dir.path().join("bench.toml");
