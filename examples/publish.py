@@ -20,10 +20,10 @@ Exit status: 0 published and confirmed, 2 bad arguments, 1 anything else
 """
 
 import argparse
-import datetime
 import json
 import sys
-import uuid
+
+from cronpipe_envelope import build_envelope, check_name
 
 try:
     import pika
@@ -34,53 +34,6 @@ except ImportError:  # pragma: no cover - depends on the environment
         "python3 -m pip install 'pika==1.3.2'\n"
     )
     sys.exit(1)
-
-# Limits from docs/envelope.schema.json ($defs/name): what the worker is sure
-# to accept is an ASCII string of 1 to 256 characters, or any string of 1 to 64
-# characters.
-NAME_MAX_ASCII = 256
-NAME_MAX_ANY = 64
-
-
-def check_name(field, value):
-    """Raises ValueError unless `value` satisfies the schema's $defs/name."""
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{field}: expected a non-empty string")
-    limit = NAME_MAX_ASCII if value.isascii() else NAME_MAX_ANY
-    if len(value) > limit:
-        raise ValueError(
-            f"{field}: {len(value)} characters; expected at most {NAME_MAX_ASCII} "
-            f"ASCII characters or {NAME_MAX_ANY} characters otherwise"
-        )
-    return value
-
-
-def rfc3339_utc_now():
-    """Now in UTC as RFC 3339 with milliseconds and a Z suffix, like cronpipe writes."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
-
-
-def build_envelope(task, payload, idempotency_key=None):
-    """An envelope v1 (docs/envelope.schema.json) for an ad-hoc task.
-
-    Only the required fields and the ones given are written: optional fields
-    are omitted rather than null (a JSON null payload reaches the handler as
-    null either way), `attempt` is left to its default 1, and
-    `schedule`/`slot`/`fencing_token` belong to scheduled fires only.
-    """
-    envelope = {
-        "v": 1,  # a JSON integer, never 1.0 or "1"
-        "id": str(uuid.uuid4()),  # lowercase hyphenated UUIDv4, as cronpipe itself uses
-        "task": check_name("task", task),
-        "created_at": rfc3339_utc_now(),
-    }
-    if payload is not None:
-        envelope["payload"] = payload
-    if idempotency_key is not None:
-        envelope["idempotency_key"] = check_name("idempotency_key", idempotency_key)
-    return envelope
-
 
 def publish(url, queue, envelope, timeout=10.0):
     """Publishes `envelope` to `queue` and waits for the broker's confirm.

@@ -1,0 +1,54 @@
+"""Build cronpipe task envelopes (v1) by the rules of docs/envelope.schema.json.
+
+Shared by the example publishers (publish.py for RabbitMQ, publish_kafka.py
+for Kafka); it needs no broker library.
+"""
+
+import datetime
+import uuid
+
+# Limits from docs/envelope.schema.json ($defs/name): what the worker is sure
+# to accept is an ASCII string of 1 to 256 characters, or any string of 1 to 64
+# characters.
+NAME_MAX_ASCII = 256
+NAME_MAX_ANY = 64
+
+
+def check_name(field, value):
+    """Raises ValueError unless `value` satisfies the schema's $defs/name."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{field}: expected a non-empty string")
+    limit = NAME_MAX_ASCII if value.isascii() else NAME_MAX_ANY
+    if len(value) > limit:
+        raise ValueError(
+            f"{field}: {len(value)} characters; expected at most {NAME_MAX_ASCII} "
+            f"ASCII characters or {NAME_MAX_ANY} characters otherwise"
+        )
+    return value
+
+
+def rfc3339_utc_now():
+    """Now in UTC as RFC 3339 with milliseconds and a Z suffix, like cronpipe writes."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def build_envelope(task, payload, idempotency_key=None):
+    """An envelope v1 (docs/envelope.schema.json) for an ad-hoc task.
+
+    Only the required fields and the ones given are written: optional fields
+    are omitted rather than null (a JSON null payload reaches the handler as
+    null either way), `attempt` is left to its default 1, and
+    `schedule`/`slot`/`fencing_token` belong to scheduled fires only.
+    """
+    envelope = {
+        "v": 1,  # a JSON integer, never 1.0 or "1"
+        "id": str(uuid.uuid4()),  # lowercase hyphenated UUIDv4, as cronpipe itself uses
+        "task": check_name("task", task),
+        "created_at": rfc3339_utc_now(),
+    }
+    if payload is not None:
+        envelope["payload"] = payload
+    if idempotency_key is not None:
+        envelope["idempotency_key"] = check_name("idempotency_key", idempotency_key)
+    return envelope
