@@ -289,6 +289,19 @@ async fn rabbitmq_connections_closed_and_app_restarted_fire_all_loses_no_slot() 
     );
     let before = published(&fleet);
     wait_published(&fleet, before, Duration::from_secs(90), "after start_app").await;
+    // The first publishes after the restart may all be catch-up slots from
+    // before it; run on until a slot due after the restart is published too.
+    while Utc::now() < restarted_at + chrono::Duration::milliseconds(1500) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let caught_up = published(&fleet);
+    wait_published(
+        &fleet,
+        caught_up,
+        Duration::from_secs(30),
+        "a slot due after the restart",
+    )
+    .await;
     fleet.stop_all();
 
     let broker = Broker::connect(&broker_config(&env, &url), "drain")
