@@ -200,6 +200,14 @@ command = ["/bin/sh", "-c", "if [ -f {marker} ]; then exit 0; fi; touch {marker}
         "task=\"tick\"",
     );
     assert_eq!(metric(&wm, &hist), 5.0, "one duration sample per tick run");
+    let attempts = key("cronpipe_worker_task_attempt_count", "task=\"flaky\"");
+    let attempt_sum = key("cronpipe_worker_task_attempt_sum", "task=\"flaky\"");
+    assert_eq!(
+        metric(&wm, &attempts),
+        2.0,
+        "flaky ran two attempts: {wm:?}"
+    );
+    assert_eq!(metric(&wm, &attempt_sum), 3.0, "attempts 1 and 2");
 
     // Health endpoints.
     let ready: serde_json::Value = reqwest::get(format!("http://{paddr}/readyz"))

@@ -410,6 +410,10 @@ async fn run_claimed(
     };
     let started = Instant::now();
     metrics::gauge!("cronpipe_worker_in_flight").increment(1.0);
+    // One sample per attempt run: its count is attempts made, its
+    // distribution shows how many tasks need retries (crashed attempts included).
+    metrics::histogram!("cronpipe_worker_task_attempt", "task" => env.task.clone())
+        .record(f64::from(attempt));
     // The handler runs inside this task (no spawn per message); a panic while
     // polling it is caught here and counts as a failed attempt.
     let mut running = std::panic::AssertUnwindSafe(handler.handle(task)).catch_unwind();
