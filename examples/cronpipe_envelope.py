@@ -52,3 +52,33 @@ def build_envelope(task, payload, idempotency_key=None):
     if idempotency_key is not None:
         envelope["idempotency_key"] = check_name("idempotency_key", idempotency_key)
     return envelope
+
+
+def add_task_arguments(parser):
+    """Adds --task, --payload, --key and --timeout, shared by the example publishers."""
+    parser.add_argument("--task", required=True, help="task name; a worker needs a [task.NAME] handler for it")
+    parser.add_argument("--payload", default=None,
+                        help="payload as JSON text, handed to the task unchanged (default: none, the task gets null)")
+    parser.add_argument("--key", default=None,
+                        help="idempotency key: messages with the same key run once (default: the id)")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for the broker (default: %(default)s)")
+
+
+def parse_task_arguments(parser, argv):
+    """Parses `argv` and checks the task arguments by the schema's rules (exit 2 on bad input)."""
+    import json
+
+    args = parser.parse_args(argv)
+    if args.payload is not None:
+        try:
+            args.payload = json.loads(args.payload)
+        except json.JSONDecodeError as e:
+            parser.error(f"--payload is not valid JSON: {e}")
+    try:
+        check_name("--task", args.task)
+        if args.key is not None:
+            check_name("--key", args.key)
+    except ValueError as e:
+        parser.error(str(e))
+    return args

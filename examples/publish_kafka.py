@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from cronpipe_envelope import build_envelope, check_name
+from cronpipe_envelope import add_task_arguments, build_envelope, parse_task_arguments
 
 try:
     from confluent_kafka import Producer
@@ -75,23 +75,8 @@ def parse_args(argv):
     parser.add_argument("--brokers", default="127.0.0.1:9092", help="bootstrap servers (default: %(default)s)")
     parser.add_argument("--topic", default="cronpipe.tasks",
                         help="work topic, cronpipe's broker.kafka.topic (default: %(default)s)")
-    parser.add_argument("--task", required=True, help="task name; a worker needs a [task.NAME] handler for it")
-    parser.add_argument("--payload", default=None, help="payload as JSON text (default: none, the task gets null)")
-    parser.add_argument("--key", default=None, help="idempotency key: messages with the same key run once (default: the id)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for delivery (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.payload is not None:
-        try:
-            args.payload = json.loads(args.payload)
-        except json.JSONDecodeError as e:
-            parser.error(f"--payload is not valid JSON: {e}")
-    try:
-        check_name("--task", args.task)
-        if args.key is not None:
-            check_name("--key", args.key)
-    except ValueError as e:
-        parser.error(str(e))
-    return args
+    add_task_arguments(parser)
+    return parse_task_arguments(parser, argv)
 
 
 def main(argv=None):
