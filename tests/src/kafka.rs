@@ -2,6 +2,7 @@
 //! Kafka-protocol broker named by `CRONPIPE_TEST_KAFKA_BROKERS`), random
 //! topic, group and Redis namespace per test, and in-process workers.
 
+use crate::scratch;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -237,45 +238,27 @@ impl KafkaEnv {
 
     /// Writes `base_toml() + extra` to a file and returns its path.
     pub fn write_config(&self, file: &str, extra: &str) -> PathBuf {
-        let path = self.dir.path().join(file);
-        std::fs::write(&path, format!("{}\n{extra}", self.base_toml())).expect("write config");
-        path
+        scratch::write_config(self.dir.path(), &self.base_toml(), file, extra)
     }
 
     /// Parses `base_toml() + extra` into a validated config.
     pub fn config(&self, extra: &str) -> Config {
-        let path = self.write_config("cronpipe.toml", extra);
-        match Config::load_with_env(&path, Vec::new()) {
-            Ok(c) => c,
-            Err(e) => panic!("test config invalid:\n{e}"),
-        }
+        scratch::config(self.dir.path(), &self.base_toml(), extra)
     }
 
-    /// A file an exec task appends one line to per run.
+    /// A file an exec task appends one line to per run (see [`Self::exec_task`]).
     pub fn runs_file(&self) -> PathBuf {
-        self.dir.path().join("runs.log")
+        scratch::runs_file(self.dir.path())
     }
 
-    /// TOML for an exec task `name` appending `<task id> <schedule> <slot> <attempt> <token>` to the runs file, then `then`.
+    /// TOML for an exec task `name` that records each run in [`Self::runs_file`], then runs `then`.
     pub fn exec_task(&self, name: &str, then: &str) -> String {
-        format!(
-            r#"
-[task.{name}]
-handler = "exec"
-command = ["/bin/sh", "-c", "echo \"$CRONPIPE_TASK_ID ${{CRONPIPE_SCHEDULE:--}} ${{CRONPIPE_SLOT:--}} $CRONPIPE_ATTEMPT ${{CRONPIPE_FENCING_TOKEN:--}}\" >> {file}; {then}"]
-"#,
-            file = self.runs_file().display(),
-            then = if then.is_empty() { "true" } else { then },
-        )
+        scratch::exec_task(self.dir.path(), name, then)
     }
 
     /// Lines of the runs file.
     pub fn runs(&self) -> Vec<String> {
-        std::fs::read_to_string(self.runs_file())
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
+        scratch::runs(self.dir.path())
     }
 
     /// Takes every message now at `dest` (see [`Broker::drain`]).

@@ -22,6 +22,58 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// Scratch files of a test world, shared by the RabbitMQ [`TestEnv`] and the
+/// Kafka [`kafka::KafkaEnv`]: config files and the exec tasks' runs file.
+pub mod scratch {
+    use std::path::{Path, PathBuf};
+
+    use cronpipe_shared::Config;
+
+    /// Writes `base + extra` to `dir/file` and returns its path.
+    pub fn write_config(dir: &Path, base: &str, file: &str, extra: &str) -> PathBuf {
+        let path = dir.join(file);
+        std::fs::write(&path, format!("{base}\n{extra}")).expect("write config");
+        path
+    }
+
+    /// Writes and parses `base + extra` into a validated config (panics with the problems).
+    pub fn config(dir: &Path, base: &str, extra: &str) -> Config {
+        let path = write_config(dir, base, "cronpipe.toml", extra);
+        match Config::load_with_env(&path, Vec::new()) {
+            Ok(c) => c,
+            Err(e) => panic!("test config invalid:\n{e}"),
+        }
+    }
+
+    /// The file exec tasks from [`exec_task`] append one line to per run.
+    pub fn runs_file(dir: &Path) -> PathBuf {
+        dir.join("runs.log")
+    }
+
+    /// TOML for an exec task `name` that appends
+    /// `<task id> <schedule> <slot> <attempt> <fencing token>` to [`runs_file`], then runs `then` (shell).
+    pub fn exec_task(dir: &Path, name: &str, then: &str) -> String {
+        format!(
+            r#"
+[task.{name}]
+handler = "exec"
+command = ["/bin/sh", "-c", "echo \"$CRONPIPE_TASK_ID ${{CRONPIPE_SCHEDULE:--}} ${{CRONPIPE_SLOT:--}} $CRONPIPE_ATTEMPT ${{CRONPIPE_FENCING_TOKEN:--}}\" >> {file}; {then}"]
+"#,
+            file = runs_file(dir).display(),
+            then = if then.is_empty() { "true" } else { then },
+        )
+    }
+
+    /// Lines of [`runs_file`].
+    pub fn runs(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(runs_file(dir))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
 /// One test's isolated world.
 pub struct TestEnv {
     /// Random id of this test.
@@ -116,46 +168,27 @@ queue = "{queue}"
 
     /// Writes `base_toml() + extra` to a file and returns its path.
     pub fn write_config(&self, file: &str, extra: &str) -> PathBuf {
-        let path = self.dir.path().join(file);
-        std::fs::write(&path, format!("{}\n{extra}", self.base_toml())).expect("write config");
-        path
+        scratch::write_config(self.dir.path(), &self.base_toml(), file, extra)
     }
 
     /// Parses `base_toml() + extra` into a validated config.
     pub fn config(&self, extra: &str) -> Config {
-        let path = self.write_config("cronpipe.toml", extra);
-        match Config::load_with_env(&path, Vec::new()) {
-            Ok(c) => c,
-            Err(e) => panic!("test config invalid:\n{e}"),
-        }
+        scratch::config(self.dir.path(), &self.base_toml(), extra)
     }
 
-    /// A file an exec task appends one line to per run (see [`TestEnv::exec_task`]).
+    /// A file an exec task appends one line to per run (see [`Self::exec_task`]).
     pub fn runs_file(&self) -> PathBuf {
-        self.dir.path().join("runs.log")
+        scratch::runs_file(self.dir.path())
     }
 
-    /// TOML for an exec task named `name` that appends
-    /// `<task id> <schedule> <slot> <attempt> <fencing token>` to [`TestEnv::runs_file`], then runs `then` (shell).
+    /// TOML for an exec task `name` that records each run in [`Self::runs_file`], then runs `then`.
     pub fn exec_task(&self, name: &str, then: &str) -> String {
-        format!(
-            r#"
-[task.{name}]
-handler = "exec"
-command = ["/bin/sh", "-c", "echo \"$CRONPIPE_TASK_ID ${{CRONPIPE_SCHEDULE:--}} ${{CRONPIPE_SLOT:--}} $CRONPIPE_ATTEMPT ${{CRONPIPE_FENCING_TOKEN:--}}\" >> {file}; {then}"]
-"#,
-            file = self.runs_file().display(),
-            then = if then.is_empty() { "true" } else { then },
-        )
+        scratch::exec_task(self.dir.path(), name, then)
     }
 
     /// Lines of the runs file.
     pub fn runs(&self) -> Vec<String> {
-        std::fs::read_to_string(self.runs_file())
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
+        scratch::runs(self.dir.path())
     }
 
     /// Takes every message now in `queue` (acking them).

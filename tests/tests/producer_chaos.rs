@@ -24,27 +24,11 @@ use producer_common::*;
 /// Serializes the tests of this file.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn config() -> String {
-    format!(
-        r#"
-[producer]
-lease_ttl = "2s"
-misfire_threshold = "1s"
-
-[schedule.tick]
-cron = "* * * * * *"
-task = "count"
-misfire = "fire_all"
-{task}"#,
-        task = noop_task("count")
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cut_leader_stops_before_its_lease_can_expire_and_leaderships_never_overlap() {
     let _serial = SERIAL.lock().await;
     let env = TestEnv::new("redis-cut").await;
-    let cfg = env.write_config("cronpipe.toml", &config());
+    let cfg = env.write_config("cronpipe.toml", &tick_config("fire_all"));
     let mut fleet = Fleet::new(&cfg, env.dir.path());
     let ids = ["p0", "p1", "p2"];
     // Each producer reaches Redis through its own partitionable proxy.
@@ -232,7 +216,7 @@ async fn rabbitmq_connections_closed_and_app_restarted_fire_all_loses_no_slot() 
     let (ok, out) = rabbitmqctl(&["set_permissions", "-p", &vhost.0, "guest", ".*", ".*", ".*"]);
     assert!(ok, "set_permissions: {out}");
     let url = format!("amqp://guest:guest@127.0.0.1:5672/{}", vhost.0);
-    let cfg = env.write_config("cronpipe.toml", &config());
+    let cfg = env.write_config("cronpipe.toml", &tick_config("fire_all"));
     let mut fleet = Fleet::new(&cfg, env.dir.path());
     for id in ["p0", "p1"] {
         fleet.set_env(

@@ -24,22 +24,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Lease TTL used here: short, so failovers are quick.
 const TTL: Duration = Duration::from_secs(2);
 
-fn config(policy: &str) -> String {
-    format!(
-        r#"
-[producer]
-lease_ttl = "2s"
-misfire_threshold = "1s"
-
-[schedule.tick]
-cron = "* * * * * *"
-task = "count"
-misfire = "{policy}"
-{task}"#,
-        task = noop_task("count")
-    )
-}
-
 /// Kills the leader `kills` times at random moments, restarting each killed
 /// producer once a new leader has published. Returns what the recorder got,
 /// the failover times (SIGKILL to the first message of the next leader) and
@@ -50,7 +34,7 @@ async fn kill_leaders(
     producers: usize,
     kills: usize,
 ) -> (Vec<Received>, Vec<Duration>, Fleet) {
-    let cfg = env.write_config("cronpipe.toml", &config(policy));
+    let cfg = env.write_config("cronpipe.toml", &tick_config(policy));
     let rec = Recorder::start(env).await;
     let mut fleet = Fleet::new(&cfg, env.dir.path());
     for i in 0..producers {
@@ -232,7 +216,7 @@ async fn failover_after_sigkill_within_ttl_plus_half_a_second() {
 async fn handover_after_sigterm_within_half_a_second() {
     let _serial = SERIAL.lock().await;
     let env = TestEnv::new("term-time").await;
-    let cfg = env.write_config("cronpipe.toml", &config("fire_all"));
+    let cfg = env.write_config("cronpipe.toml", &tick_config("fire_all"));
     let rec = Recorder::start(&env).await;
     let mut fleet = Fleet::new(&cfg, env.dir.path());
     fleet.start("p0");

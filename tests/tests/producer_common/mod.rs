@@ -348,6 +348,24 @@ pub fn noop_task(name: &str) -> String {
     format!("\n[task.{name}]\nhandler = \"exec\"\ncommand = [\"/bin/true\"]\n")
 }
 
+/// Config of the process tests: a 2 s lease and one every-second schedule
+/// `tick` with misfire `policy`, running a no-op task.
+pub fn tick_config(policy: &str) -> String {
+    format!(
+        r#"
+[producer]
+lease_ttl = "2s"
+misfire_threshold = "1s"
+
+[schedule.tick]
+cron = "* * * * * *"
+task = "count"
+misfire = "{policy}"
+{task}"#,
+        task = noop_task("count")
+    )
+}
+
 /// A producer running in this test process, on `clock`.
 pub struct InProc {
     /// Cancel to shut it down (it releases its lease).
