@@ -1,22 +1,20 @@
 //! Kafka test worlds: librdkafka's in-process mock cluster (or a real
-//! Kafka-protocol broker named by `CRONPIPE_TEST_KAFKA_BROKERS`), random
-//! topic, group and Redis namespace per test, and in-process workers.
+//! Kafka-protocol broker named by `CRONPIPE_TEST_KAFKA_BROKERS`), and the
+//! Kafka-only helpers of [`TestEnv`] (committed offsets, raw produce,
+//! sibling worlds on one cluster).
 
-use crate::scratch;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cronpipe_shared::broker::kafka::Kafka;
-use cronpipe_shared::{Broker, Config, Destination, Envelope, Store};
-use cronpipe_worker::{Registry, Report};
+use cronpipe_shared::Broker;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{BaseProducer, FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 
-use crate::redis_url;
+use crate::{redis_url, TestEnv};
 
 /// Env var naming a real Kafka-protocol broker (`host:port`) for process-level tests.
 pub const EXTERNAL_BROKERS_VAR: &str = "CRONPIPE_TEST_KAFKA_BROKERS";
@@ -83,6 +81,7 @@ impl MockKafka {
 }
 
 /// Where a Kafka test world's broker lives.
+#[derive(Clone)]
 pub enum Cluster {
     /// In this process.
     Mock(Arc<MockKafka>),
@@ -90,66 +89,30 @@ pub enum Cluster {
     External(String),
 }
 
-/// One Kafka test's isolated world.
-pub struct KafkaEnv {
-    /// Random id of this test.
-    pub id: String,
-    /// Redis namespace.
-    pub namespace: String,
-    /// Work topic (`.retry` and `.dlq` beside it).
-    pub topic: String,
-    /// Worker consumer group.
-    pub group: String,
-    /// Partitions of each topic.
-    pub partitions: i32,
-    /// Scratch directory.
-    pub dir: tempfile::TempDir,
-    /// Redis handle on the namespace.
-    pub store: Store,
-    /// Broker handle (kind = kafka).
-    pub broker: Broker,
-    /// The cluster.
-    pub cluster: Cluster,
-}
-
-/// A worker running in this process.
-pub struct RunningWorker {
-    /// Cancels the worker (graceful stop).
-    pub stop: CancellationToken,
-    /// Its run.
-    pub join: JoinHandle<Result<(), cronpipe_worker::WorkerError>>,
-    /// One report per settled delivery.
-    pub reports: mpsc::UnboundedReceiver<Report>,
-}
-
-impl RunningWorker {
-    /// Next report within `limit`.
-    pub async fn next_report(&mut self, limit: Duration) -> Option<Report> {
-        tokio::time::timeout(limit, self.reports.recv())
-            .await
-            .ok()
-            .flatten()
-    }
-
-    /// Stops the worker and waits for it.
-    pub async fn shutdown(self) {
-        self.stop.cancel();
-        self.join.await.expect("join").expect("worker run");
+impl Cluster {
+    /// Its bootstrap servers.
+    pub fn bootstrap_servers(&self) -> String {
+        match self {
+            Cluster::Mock(m) => m.bootstrap_servers(),
+            Cluster::External(b) => b.clone(),
+        }
     }
 }
 
-impl KafkaEnv {
-    /// A fresh world on a new mock cluster with `partitions` per topic.
-    pub async fn mock(name: &str, partitions: i32) -> KafkaEnv {
+/// Kafka worlds: constructors and Kafka-only helpers of [`TestEnv`].
+impl TestEnv {
+    /// A fresh Kafka world on a new mock cluster with `partitions` per topic.
+    pub async fn kafka_mock(name: &str, partitions: i32) -> TestEnv {
         let mock = Arc::new(MockKafka::start());
-        Self::with_cluster(name, partitions, Cluster::Mock(mock)).await
+        Self::kafka_on(name, partitions, Cluster::Mock(mock)).await
     }
 
-    /// A fresh world on the external broker, or `None` (with a notice) when
-    /// `CRONPIPE_TEST_KAFKA_BROKERS` is unset.
-    pub async fn external(name: &str, partitions: i32) -> Option<KafkaEnv> {
+    /// A fresh Kafka world on the external broker, or `None` (with a notice)
+    /// when `CRONPIPE_TEST_KAFKA_BROKERS` is unset. Its topics are created by
+    /// the connection (AdminClient).
+    pub async fn kafka_external(name: &str, partitions: i32) -> Option<TestEnv> {
         match external_brokers() {
-            Some(b) => Some(Self::with_cluster(name, partitions, Cluster::External(b)).await),
+            Some(b) => Some(Self::kafka_on(name, partitions, Cluster::External(b)).await),
             None => {
                 eprintln!(
                     "SKIPPED {name}: set {EXTERNAL_BROKERS_VAR}=127.0.0.1:PORT (scripts/kafka-broker starts one)"
@@ -159,129 +122,53 @@ impl KafkaEnv {
         }
     }
 
-    async fn with_cluster(name: &str, partitions: i32, cluster: Cluster) -> KafkaEnv {
-        let id = format!("{name}-{:08x}", rand::random::<u32>());
-        let namespace = format!("cptest-{id}");
-        let topic = format!("cptest.{id}");
-        let group = format!("cptest-{id}");
-        if let Cluster::Mock(m) = &cluster {
-            for t in [
-                topic.clone(),
-                format!("{topic}.retry"),
-                format!("{topic}.dlq"),
-            ] {
-                m.create_topic(&t, partitions);
-            }
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::connect(&redis_url(), &namespace, Duration::from_secs(5))
-            .await
-            .expect("Redis must run on 127.0.0.1:6379 (see README: Testing)");
-        let brokers = match &cluster {
-            Cluster::Mock(m) => m.bootstrap_servers(),
-            Cluster::External(b) => b.clone(),
-        };
-        let text = base_toml(&namespace, &brokers, &topic, &group, partitions);
-        let cfg = Config::parse(std::path::Path::new("kafka-test.toml"), &text, Vec::new())
-            .expect("base Kafka test config");
-        let broker = Broker::connect(&cfg.broker, &format!("test-{id}"))
-            .await
-            .expect("Kafka broker");
-        KafkaEnv {
-            id,
-            namespace,
-            topic,
-            group,
-            partitions,
-            dir,
-            store,
-            broker,
-            cluster,
+    /// A Kafka world on the external broker when `CRONPIPE_TEST_KAFKA_BROKERS`
+    /// is set, on a new mock cluster otherwise.
+    pub async fn kafka_external_or_mock(name: &str, partitions: i32) -> TestEnv {
+        match external_brokers() {
+            Some(b) => Self::kafka_on(name, partitions, Cluster::External(b)).await,
+            None => Self::kafka_mock(name, partitions).await,
         }
     }
 
-    /// Another world (its own topics, group and Redis namespace) on the same cluster.
-    pub async fn sibling(&self, name: &str) -> KafkaEnv {
-        let cluster = match &self.cluster {
-            Cluster::Mock(m) => Cluster::Mock(m.clone()),
-            Cluster::External(b) => Cluster::External(b.clone()),
-        };
-        Self::with_cluster(name, self.partitions, cluster).await
+    /// Another Kafka world (its own topics, group and Redis namespace) on the same cluster.
+    pub async fn sibling(&self, name: &str) -> TestEnv {
+        Self::kafka_on(name, self.partitions, self.cluster().clone()).await
     }
 
-    /// Bootstrap servers.
+    /// Where its cluster lives (panics on RabbitMQ).
+    pub fn cluster(&self) -> &Cluster {
+        self.cluster
+            .as_ref()
+            .expect("this test world runs on RabbitMQ, not Kafka")
+    }
+
+    /// Kafka bootstrap servers.
     pub fn brokers(&self) -> String {
-        match &self.cluster {
-            Cluster::Mock(m) => m.bootstrap_servers(),
-            Cluster::External(b) => b.clone(),
-        }
+        self.cluster().bootstrap_servers()
     }
 
-    /// The Kafka adapter.
+    /// The work topic (`.retry` and `.dlq` beside it).
+    pub fn topic(&self) -> &str {
+        &self.queue
+    }
+
+    /// The Kafka adapter (panics on RabbitMQ).
     pub fn kafka(&self) -> &Kafka {
         match &self.broker {
             Broker::Kafka(k) => k,
-            Broker::Rabbit(_) => unreachable!("KafkaEnv connects to Kafka"),
+            Broker::Rabbit(_) => panic!("this test world runs on RabbitMQ, not Kafka"),
         }
     }
 
-    /// Base config text: Redis namespace, kind = kafka, topic and group, quick group timings.
-    pub fn base_toml(&self) -> String {
-        base_toml(
-            &self.namespace,
-            &self.brokers(),
-            &self.topic,
-            &self.group,
-            self.partitions,
-        )
-    }
-
-    /// Writes `base_toml() + extra` to a file and returns its path.
-    pub fn write_config(&self, file: &str, extra: &str) -> PathBuf {
-        scratch::write_config(self.dir.path(), &self.base_toml(), file, extra)
-    }
-
-    /// Parses `base_toml() + extra` into a validated config.
-    pub fn config(&self, extra: &str) -> Config {
-        scratch::config(self.dir.path(), &self.base_toml(), extra)
-    }
-
-    /// A file an exec task appends one line to per run (see [`Self::exec_task`]).
-    pub fn runs_file(&self) -> PathBuf {
-        scratch::runs_file(self.dir.path())
-    }
-
-    /// TOML for an exec task `name` that records each run in [`Self::runs_file`], then runs `then`.
-    pub fn exec_task(&self, name: &str, then: &str) -> String {
-        scratch::exec_task(self.dir.path(), name, then)
-    }
-
-    /// Lines of the runs file.
-    pub fn runs(&self) -> Vec<String> {
-        scratch::runs(self.dir.path())
-    }
-
-    /// Takes every message now at `dest` (see [`Broker::drain`]).
-    pub async fn drain(&self, dest: Destination) -> Vec<Vec<u8>> {
-        self.broker.drain(dest).await.expect("drain")
-    }
-
-    /// Takes every envelope now in the work topic.
-    pub async fn drain_envelopes(&self) -> Vec<Envelope> {
-        self.drain(Destination::Work)
+    /// Takes every message of `topic` past `group`'s committed offsets and
+    /// this world's earlier drains (see [`TestEnv::drain`]).
+    pub async fn kafka_take(&self, topic: &str, group: &str) -> Vec<Vec<u8>> {
+        let (brokers, group, topic) = (self.brokers(), group.to_string(), topic.to_string());
+        let taken = self.taken.clone();
+        tokio::task::spawn_blocking(move || take_blocking(&brokers, &group, &topic, &taken))
             .await
-            .into_iter()
-            .map(|b| Envelope::decode(&b).expect("producer wrote a valid envelope"))
-            .collect()
-    }
-
-    /// Takes every dead letter now in the DLQ topic.
-    pub async fn drain_dead_letters(&self) -> Vec<cronpipe_shared::deadletter::DeadLetter> {
-        self.drain(Destination::DeadLetter)
-            .await
-            .into_iter()
-            .map(|b| serde_json::from_slice(&b).expect("dead letter JSON"))
-            .collect()
+            .expect("drain task")
     }
 
     /// The worker group's committed offsets on `topic`, by partition.
@@ -300,71 +187,129 @@ impl KafkaEnv {
             .expect("raw producer");
         producer
             .send(
-                FutureRecord::to(&self.topic).key(key).payload(body),
+                FutureRecord::to(self.topic()).key(key).payload(body),
                 Duration::from_secs(10),
             )
             .await
             .expect("raw produce");
     }
-
-    /// Starts a worker in this process with its own broker connection.
-    pub async fn spawn_worker(
-        &self,
-        config: &Config,
-        instance: &str,
-        registry: Registry,
-    ) -> RunningWorker {
-        let broker = Broker::connect(&config.broker, instance)
-            .await
-            .expect("worker broker");
-        let (tx, reports) = mpsc::unbounded_channel();
-        let mut opts = cronpipe_worker::Options::from_config(config.clone());
-        opts.instance_id = instance.into();
-        opts.reports = Some(tx);
-        let registry = cronpipe_worker::registry_from_config(config, registry).expect("registry");
-        let stop = CancellationToken::new();
-        let join = tokio::spawn(cronpipe_worker::run(
-            opts,
-            self.store.clone(),
-            broker,
-            registry,
-            stop.clone(),
-        ));
-        RunningWorker {
-            stop,
-            join,
-            reports,
-        }
-    }
-
-    /// Removes every Redis key of this world (and, on an external broker, its topics).
-    pub async fn cleanup(self) {
-        if let Cluster::External(_) = &self.cluster {
-            self.kafka().delete_topology().await;
-        }
-        let mut conn = self.store.connection();
-        let pattern = format!(
-            "{}*",
-            self.store
-                .keys()
-                .prefix()
-                .replace('{', "\\{")
-                .replace('}', "\\}")
-        );
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(&pattern)
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
-        }
-        self.broker.close().await;
-    }
 }
 
-/// Base config text of a Kafka test world.
-fn base_toml(namespace: &str, brokers: &str, topic: &str, group: &str, partitions: i32) -> String {
+/// How far a world's drains took each partition: (topic, partition) → next offset.
+pub type Taken = Arc<Mutex<HashMap<(String, i32), i64>>>;
+
+/// How long one drain may take to read to the end of a topic.
+const TAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads every message of `topic` from `group`'s committed offset (or
+/// `taken`'s mark, if later; the start where neither) to the current end,
+/// then moves `taken` to the end and tries to commit it for `group`.
+///
+/// Why not [`Broker::drain`]: it commits through a non-member consumer, and
+/// the mock cluster refuses that (`UNKNOWN_MEMBER_ID`) for any group that
+/// ever had a member, where Kafka accepts it once the group is empty. The
+/// commit here is best effort; `taken` keeps later drains of the same world
+/// from returning a message twice either way.
+fn take_blocking(brokers: &str, group: &str, topic: &str, taken: &Taken) -> Vec<Vec<u8>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .expect("drain consumer");
+    let meta = consumer
+        .fetch_metadata(Some(topic), TAKE_TIMEOUT)
+        .expect("topic metadata");
+    let mut all = TopicPartitionList::new();
+    for t in meta.topics() {
+        for p in t.partitions() {
+            all.add_partition(topic, p.id());
+        }
+    }
+    let committed = consumer
+        .committed_offsets(all, TAKE_TIMEOUT)
+        .expect("committed offsets");
+    let mut assign = TopicPartitionList::new();
+    let mut ends = TopicPartitionList::new();
+    let mut remaining: HashMap<i32, i64> = HashMap::new();
+    {
+        let marks = taken.lock().expect("taken");
+        for e in committed.elements() {
+            let p = e.partition();
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, TAKE_TIMEOUT)
+                .expect("watermarks");
+            let mut start = match e.offset() {
+                Offset::Offset(o) => o.max(low),
+                _ => low,
+            };
+            if let Some(m) = marks.get(&(topic.to_string(), p)) {
+                start = start.max(*m);
+            }
+            if start < high {
+                assign
+                    .add_partition_offset(topic, p, Offset::Offset(start))
+                    .expect("assign");
+                remaining.insert(p, high);
+            }
+            ends.add_partition_offset(topic, p, Offset::Offset(high.max(start)))
+                .expect("ends");
+        }
+    }
+    let mut out = Vec::new();
+    if !remaining.is_empty() {
+        consumer.assign(&assign).expect("assign");
+        let deadline = Instant::now() + TAKE_TIMEOUT;
+        while !remaining.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "reading `{topic}` did not reach its end within {TAKE_TIMEOUT:?}"
+            );
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    let p = m.partition();
+                    if let Some(high) = remaining.get(&p).copied() {
+                        if m.offset() < high {
+                            out.push(m.payload().unwrap_or_default().to_vec());
+                        }
+                        if m.offset() + 1 >= high {
+                            remaining.remove(&p);
+                        }
+                    }
+                }
+                Some(Err(e)) => panic!("reading `{topic}`: {e}"),
+                None => {}
+            }
+        }
+    }
+    {
+        let mut marks = taken.lock().expect("taken");
+        for e in ends.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                marks.insert((topic.to_string(), e.partition()), o);
+            }
+        }
+    }
+    if ends.count() > 0 {
+        let _ = consumer.commit(&ends, CommitMode::Sync);
+    }
+    out
+}
+
+/// Base config text of a Kafka test world: Redis namespace, kind = kafka,
+/// topic and group, quick group timings. On the mock the topics exist before
+/// any client connects (it has no CreateTopics), so no AdminClient is ever
+/// made; `create_topics = false` turns a missing topic into an error at once.
+pub(crate) fn base_toml(
+    namespace: &str,
+    cluster: &Cluster,
+    topic: &str,
+    group: &str,
+    partitions: i32,
+) -> String {
+    let create = matches!(cluster, Cluster::External(_));
     format!(
         r#"
 [redis]
@@ -379,6 +324,7 @@ brokers = "{brokers}"
 topic = "{topic}"
 group_id = "{group}"
 partitions = {partitions}
+create_topics = {create}
 
 [broker.kafka.properties]
 "session.timeout.ms" = 6000
@@ -387,5 +333,6 @@ partitions = {partitions}
 "#,
         redis = redis_url(),
         ns = namespace,
+        brokers = cluster.bootstrap_servers(),
     )
 }

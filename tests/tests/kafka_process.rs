@@ -1,48 +1,67 @@
-//! Kafka tests that need a broker in a separate process (the mock cluster
-//! lives inside one process): real `worker` binaries in one consumer group,
-//! a worker SIGKILLed with uncommitted messages, topic creation through the
-//! AdminClient. They run when `CRONPIPE_TEST_KAFKA_BROKERS` names a
-//! Kafka-protocol broker (`scripts/kafka-broker` starts one) and are skipped
-//! with a notice otherwise. The worker binaries must be built first
-//! (`cargo build --workspace --bins`, as scripts/test does).
+//! Kafka tests with real `worker` processes: two in one consumer group, and a
+//! worker SIGKILLed with uncommitted messages. They run against librdkafka's
+//! mock cluster, which lives in this test process but listens on TCP, so the
+//! workers reach it like any broker; with `CRONPIPE_TEST_KAFKA_BROKERS` set
+//! (`scripts/kafka-broker` starts one), against that broker instead. Topic
+//! creation through the AdminClient needs a real broker (the mock has no
+//! CreateTopics): that test is ignored unless run with `--ignored` and the
+//! variable set. The worker binaries must be built first (`cargo build
+//! --workspace --bins`, as scripts/test does).
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cronpipe_shared::Envelope;
-use cronpipe_tests::kafka::KafkaEnv;
-use cronpipe_tests::{wait_until, Proc};
+use cronpipe_tests::kafka::EXTERNAL_BROKERS_VAR;
+use cronpipe_tests::{wait_until, Proc, TestEnv};
 use nix::sys::signal::Signal;
 
-/// An exec task that logs `start <id> <worker>`, sleeps `secs`, then logs `done <id> <worker>`.
-fn logged_task(env: &KafkaEnv, secs: &str) -> String {
+/// An exec task that logs `start <id> <worker> <pid>`, sleeps `secs`, then
+/// logs `done <id> <worker> <pid>`.
+fn logged_task(env: &TestEnv, secs: &str) -> String {
     let file = env.runs_file();
     format!(
         r#"
 [task.job]
 handler = "exec"
-command = ["/bin/sh", "-c", "echo \"start $CRONPIPE_TASK_ID $CRONPIPE_WORKER\" >> {f}; sleep {secs}; echo \"done $CRONPIPE_TASK_ID $CRONPIPE_WORKER\" >> {f}"]
+command = ["/bin/sh", "-c", "echo \"start $CRONPIPE_TASK_ID $CRONPIPE_WORKER $$\" >> {f}; sleep {secs}; echo \"done $CRONPIPE_TASK_ID $CRONPIPE_WORKER $$\" >> {f}"]
 "#,
         f = file.display()
     )
 }
 
-/// `(event, id, worker)` lines of the runs file.
-fn events(env: &KafkaEnv) -> Vec<(String, String, String)> {
+/// One line of the runs file.
+#[derive(Debug, Clone)]
+struct Event {
+    what: String,
+    id: String,
+    worker: String,
+    pid: i32,
+}
+
+fn events(env: &TestEnv) -> Vec<Event> {
     env.runs()
         .iter()
         .filter_map(|l| {
             let mut it = l.split(' ');
-            Some((
-                it.next()?.to_string(),
-                it.next()?.to_string(),
-                it.next()?.to_string(),
-            ))
+            Some(Event {
+                what: it.next()?.to_string(),
+                id: it.next()?.to_string(),
+                worker: it.next()?.to_string(),
+                pid: it.next()?.parse().ok()?,
+            })
         })
         .collect()
 }
 
-async fn publish_jobs(env: &KafkaEnv, n: usize) -> Vec<String> {
+fn ids_where(ev: &[Event], pred: impl Fn(&Event) -> bool) -> HashSet<String> {
+    ev.iter()
+        .filter(|e| pred(e))
+        .map(|e| e.id.clone())
+        .collect()
+}
+
+async fn publish_jobs(env: &TestEnv, n: usize) -> Vec<String> {
     let envs: Vec<Envelope> = (0..n)
         .map(|i| Envelope::new("job", serde_json::json!(i)))
         .collect();
@@ -52,16 +71,73 @@ async fn publish_jobs(env: &KafkaEnv, n: usize) -> Vec<String> {
     envs.into_iter().map(|e| e.id).collect()
 }
 
+/// How many partitions (of the work and retry topics) a worker process holds
+/// now, from its "Kafka partitions assigned / revoked" log lines.
+fn held_partitions(p: &Proc) -> usize {
+    let mut held = 0;
+    for line in p.log_text().lines() {
+        if line.contains("Kafka partitions revoked") {
+            held = 0;
+        } else if line.contains("Kafka partitions assigned") {
+            held = line
+                .split("partitions=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    held
+}
+
+/// Waits until the two worker processes split the group's partitions between them.
+async fn wait_shared(env: &TestEnv, a: &Proc, b: &Proc) {
+    // Each member holds some of the work and retry topics' partitions, none holds all.
+    let total = 2 * env.partitions as usize;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            let (x, y) = (held_partitions(a), held_partitions(b));
+            x > 0 && y > 0 && x + y == total
+        })
+        .await,
+        "the two workers never shared the partitions\n--- a ---\n{}\n--- b ---\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+}
+
+/// Whether process `pid` is gone (or a zombie awaiting its reaper).
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+fn worker(env: &TestEnv, cfg: &std::path::Path, id: &str) -> Proc {
+    Proc::start(
+        "worker",
+        cfg,
+        &[("CRONPIPE__WORKER__INSTANCE_ID", id)],
+        env.dir.path(),
+        id,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs CRONPIPE_TEST_KAFKA_BROKERS (scripts/kafka-broker)"]
 async fn topics_are_created_at_startup_with_the_configured_partitions() {
-    let Some(env) = KafkaEnv::external("create", 3).await else {
-        return;
-    };
-    // KafkaEnv::external connects with create_topics = true and creates nothing itself.
+    let env = TestEnv::kafka_external("create", 3)
+        .await
+        .unwrap_or_else(|| panic!("set {EXTERNAL_BROKERS_VAR}=host:port to a Kafka broker"));
+    // An external world connects with create_topics = true and creates nothing itself.
     for topic in [
-        env.topic.clone(),
-        format!("{}.retry", env.topic),
-        format!("{}.dlq", env.topic),
+        env.topic().to_string(),
+        format!("{}.retry", env.topic()),
+        format!("{}.dlq", env.topic()),
     ] {
         let parts = env.committed(&topic).await;
         assert_eq!(parts.len(), 3, "{topic}: {parts:?}");
@@ -71,54 +147,38 @@ async fn topics_are_created_at_startup_with_the_configured_partitions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_worker_processes_in_one_group_run_each_task_once() {
-    let Some(env) = KafkaEnv::external("procs", 4).await else {
-        return;
-    };
+    let env = TestEnv::kafka_external_or_mock("procs", 4).await;
     let cfg = env.write_config(
         "cronpipe.toml",
         &format!("[worker]\nconcurrency = 4\n{}", logged_task(&env, "0.05")),
     );
-    let a = Proc::start(
-        "worker",
-        &cfg,
-        &[("CRONPIPE__WORKER__INSTANCE_ID", "wa")],
-        env.dir.path(),
-        "wa",
-    );
-    let b = Proc::start(
-        "worker",
-        &cfg,
-        &[("CRONPIPE__WORKER__INSTANCE_ID", "wb")],
-        env.dir.path(),
-        "wb",
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let a = worker(&env, &cfg, "wa");
+    let b = worker(&env, &cfg, "wb");
+    wait_shared(&env, &a, &b).await;
     let mut ids = publish_jobs(&env, 40).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     ids.extend(publish_jobs(&env, 40).await);
-    let done = || {
-        events(&env)
-            .into_iter()
-            .filter(|e| e.0 == "done")
-            .map(|e| e.1)
-            .collect::<HashSet<_>>()
-    };
     let expected: HashSet<String> = ids.iter().cloned().collect();
     assert!(
-        wait_until(Duration::from_secs(60), || async { done() == expected }).await,
+        wait_until(Duration::from_secs(60), || async {
+            ids_where(&events(&env), |e| e.what == "done") == expected
+        })
+        .await,
         "all 80 tasks finish\n--- wa ---\n{}\n--- wb ---\n{}",
         a.log_text(),
         b.log_text()
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Stop both cleanly (final commits), then count: a task that ran twice shows.
+    for p in [&a, &b] {
+        p.signal(Signal::SIGTERM);
+    }
+    let (mut a, mut b) = (a, b);
+    assert!(a.wait_exit(Duration::from_secs(30)) && b.wait_exit(Duration::from_secs(30)));
     let ev = events(&env);
     let mut starts: HashMap<&str, usize> = HashMap::new();
     let mut per_worker: HashMap<&str, usize> = HashMap::new();
-    for (what, id, worker) in &ev {
-        if what == "start" {
-            *starts.entry(id).or_default() += 1;
-            *per_worker.entry(worker).or_default() += 1;
-        }
+    for e in ev.iter().filter(|e| e.what == "start") {
+        *starts.entry(&e.id).or_default() += 1;
+        *per_worker.entry(&e.worker).or_default() += 1;
     }
     assert!(
         starts.values().all(|n| *n == 1),
@@ -127,21 +187,22 @@ async fn two_worker_processes_in_one_group_run_each_task_once() {
     assert_eq!(starts.len(), 80);
     assert!(
         per_worker.len() == 2,
-        "both processes got partitions: {per_worker:?}"
+        "both processes ran tasks: {per_worker:?}"
     );
+    let committed: i64 = env
+        .committed(env.topic())
+        .await
+        .iter()
+        .filter_map(|(_, o)| *o)
+        .sum();
+    assert_eq!(committed, 80, "every work offset committed after SIGTERM");
     eprintln!("tasks per worker process: {per_worker:?}");
-    for p in [&a, &b] {
-        p.signal(Signal::SIGTERM);
-    }
-    drop((a, b));
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_worker_leaves_exactly_its_unfinished_tasks_to_the_survivor() {
-    let Some(env) = KafkaEnv::external("sigkill", 4).await else {
-        return;
-    };
+    let env = TestEnv::kafka_external_or_mock("sigkill", 4).await;
     // Short claims, so the survivor need not wait long for the dead worker's.
     let cfg = env.write_config(
         "cronpipe.toml",
@@ -150,73 +211,102 @@ async fn a_sigkilled_worker_leaves_exactly_its_unfinished_tasks_to_the_survivor(
             logged_task(&env, "1")
         ),
     );
-    let mut a = Proc::start(
-        "worker",
-        &cfg,
-        &[("CRONPIPE__WORKER__INSTANCE_ID", "wa")],
-        env.dir.path(),
-        "wa",
-    );
-    let ids = publish_jobs(&env, 16).await;
+    let mut a = worker(&env, &cfg, "wa");
+    let b = worker(&env, &cfg, "wb");
+    wait_shared(&env, &a, &b).await;
+    let ids = publish_jobs(&env, 24).await;
     assert!(
         wait_until(Duration::from_secs(30), || async {
-            events(&env).iter().filter(|e| e.0 == "done").count() >= 5
+            let ev = events(&env);
+            ev.iter()
+                .filter(|e| e.what == "done" && e.worker == "wa")
+                .count()
+                >= 2
+                && ev.iter().any(|e| e.worker == "wb")
         })
         .await,
-        "worker a makes progress\n{}",
-        a.log_text()
+        "both workers make progress\n--- wa ---\n{}\n--- wb ---\n{}",
+        a.log_text(),
+        b.log_text()
     );
     a.signal(Signal::SIGKILL);
+    let killed_at = Instant::now();
     assert!(a.wait_exit(Duration::from_secs(5)));
-    // Exec children die with their worker (PR_SET_PDEATHSIG); let any last line land.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = events(&env);
-    let done_by_a: HashSet<String> = before
+    // Exec children die with their worker (PR_SET_PDEATHSIG): once a's
+    // unfinished tasks are gone, nothing more of a's lands in the file.
+    let ev = events(&env);
+    let done_before = ids_where(&ev, |e| e.what == "done");
+    let a_unfinished: Vec<i32> = ev
         .iter()
-        .filter(|e| e.0 == "done")
-        .map(|e| e.1.clone())
+        .filter(|e| e.what == "start" && e.worker == "wa" && !done_before.contains(&e.id))
+        .map(|e| e.pid)
         .collect();
-    let unfinished: HashSet<String> = ids
-        .iter()
-        .filter(|id| !done_by_a.contains(*id))
-        .cloned()
-        .collect();
-    assert!(!unfinished.is_empty(), "the kill left work unfinished");
-    let b = Proc::start(
-        "worker",
-        &cfg,
-        &[("CRONPIPE__WORKER__INSTANCE_ID", "wb")],
-        env.dir.path(),
-        "wb",
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            a_unfinished.iter().all(|pid| process_gone(*pid))
+        })
+        .await,
+        "tasks of the killed worker survived it: {a_unfinished:?}"
     );
+    let at_kill = events(&env);
+    let n_at_kill = at_kill.len();
+    let done_by_a = ids_where(&at_kill, |e| e.what == "done" && e.worker == "wa");
+    let done_at_kill = ids_where(&at_kill, |e| e.what == "done");
+    let started_by_b = ids_where(&at_kill, |e| e.what == "start" && e.worker == "wb");
     let all: HashSet<String> = ids.iter().cloned().collect();
     assert!(
+        all.len() > done_at_kill.len() + started_by_b.len(),
+        "the kill left work unfinished on a's side"
+    );
+    // The group notices the dead member when its session times out
+    // (session.timeout.ms = 6000) and gives the survivor every partition.
+    let total = 2 * env.partitions as usize;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            held_partitions(&b) == total
+        })
+        .await,
+        "the survivor never got the dead worker's partitions\n--- wb ---\n{}",
+        b.log_text()
+    );
+    let rebalanced = killed_at.elapsed();
+    assert!(
         wait_until(Duration::from_secs(90), || async {
-            let done: HashSet<String> = events(&env)
-                .into_iter()
-                .filter(|e| e.0 == "done")
-                .map(|e| e.1)
-                .collect();
-            done == all
+            ids_where(&events(&env), |e| e.what == "done") == all
         })
         .await,
         "the survivor finishes the rest\n--- wb ---\n{}",
         b.log_text()
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let started_by_b: HashSet<String> = events(&env)
-        .into_iter()
-        .filter(|e| e.0 == "start" && e.2 == "wb")
-        .map(|e| e.1)
+    let took_over = killed_at.elapsed();
+    let ev = events(&env);
+    let after_kill = &ev[n_at_kill..];
+    assert!(
+        after_kill.iter().all(|e| e.worker == "wb"),
+        "{after_kill:?}"
+    );
+    let started_after = ids_where(after_kill, |e| e.what == "start");
+    // Every task was finished exactly once ...
+    let mut dones: HashMap<&str, usize> = HashMap::new();
+    for e in ev.iter().filter(|e| e.what == "done") {
+        *dones.entry(&e.id).or_default() += 1;
+    }
+    assert!(dones.values().all(|n| *n == 1), "finished twice: {dones:?}");
+    // ... and the survivor started exactly what was neither finished at the
+    // kill nor already running on it: a's unfinished and unstarted tasks.
+    let expected: HashSet<String> = all
+        .iter()
+        .filter(|id| !done_at_kill.contains(*id) && !started_by_b.contains(*id))
+        .cloned()
         .collect();
     assert_eq!(
-        started_by_b, unfinished,
+        started_after, expected,
         "the survivor runs exactly the unfinished tasks, nothing finished runs twice"
     );
     eprintln!(
-        "done before the kill: {}, left to the survivor: {}",
+        "done by a before the kill: {}, left to the survivor: {}; it held every partition {rebalanced:?} and had all done {took_over:?} after the kill",
         done_by_a.len(),
-        unfinished.len()
+        expected.len()
     );
     b.signal(Signal::SIGTERM);
     drop(b);

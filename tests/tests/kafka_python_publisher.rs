@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cronpipe_tests::kafka::KafkaEnv;
+use cronpipe_tests::TestEnv;
 use cronpipe_worker::{Registry, Settled};
 
 fn script() -> PathBuf {
@@ -54,14 +54,14 @@ async fn publish(brokers: &str, topic: &str, task: &str, payload: &str, key: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_confluent_kafka_publisher_task_runs_once() {
-    let env = KafkaEnv::mock("pykafka", 2).await;
+    let env = TestEnv::kafka_mock("pykafka", 2).await;
     let payload_file = env.dir.path().join("payload.json");
     let config = env.config(&env.exec_task("report", &format!("cat > {}", payload_file.display())));
     let mut worker = env.spawn_worker(&config, "w1", Registry::new()).await;
 
     let id = publish(
         &env.brokers(),
-        &env.topic,
+        env.topic(),
         "report",
         r#"{"a":[1,2],"b":"ü"}"#,
         "py-key-1",
@@ -83,7 +83,7 @@ async fn python_confluent_kafka_publisher_task_runs_once() {
     assert_eq!(sent, serde_json::json!({"a": [1, 2], "b": "ü"}));
 
     // Same idempotency key, new message: skipped, never run again.
-    let id2 = publish(&env.brokers(), &env.topic, "report", "{}", "py-key-1").await;
+    let id2 = publish(&env.brokers(), env.topic(), "report", "{}", "py-key-1").await;
     assert_ne!(id, id2);
     let report = worker
         .next_report(Duration::from_secs(30))

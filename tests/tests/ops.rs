@@ -1,12 +1,14 @@
 //! Operating cronpipe: metrics that match what happened, runtime schedules
 //! through the CLI, dead-letter replay, and the admin API's auth and validation.
+//! Everything runs on RabbitMQ and on Kafka (mock cluster) except the
+//! `worker dlq` tools, which are RabbitMQ-only.
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use cronpipe_tests::{binary, wait_until, Proc, TestEnv};
+use cronpipe_tests::{binary, broker_test, wait_until, Proc, TestEnv};
 use cronpipe_worker::{Registry, Settled};
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
@@ -92,9 +94,8 @@ fn cli(bin: &str, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_exactly_what_happened() {
-    let env = TestEnv::new("metrics").await;
+broker_test!(metrics_count_exactly_what_happened);
+async fn metrics_count_exactly_what_happened(env: TestEnv) {
     let start = (Utc::now() + chrono::Duration::seconds(2)).format("%Y-%m-%dT%H:%M:%SZ");
     let flaky_marker = env.dir.path().join("flaky-once");
     let extra = format!(
@@ -193,8 +194,12 @@ command = ["/bin/sh", "-c", "if [ -f {marker} ]; then exit 0; fi; touch {marker}
     assert_eq!(metric(&wm, &outcome("flaky", "retry")), 1.0);
     assert_eq!(metric(&wm, &outcome("flaky", "success")), 1.0);
     assert_eq!(metric(&wm, &outcome("perm", "dead_letter")), 1.0);
-    let dead = env.drain(&format!("{}.dlq", env.queue)).await;
-    assert_eq!(dead.len(), 1, "one dead letter");
+    let dead = env.drain_dead_letters().await;
+    assert_eq!(dead.len(), 1, "one dead letter: {dead:?}");
+    assert_eq!(
+        dead[0].envelope.as_ref().map(|e| e.id.as_str()),
+        Some(perm.id.as_str())
+    );
     let hist = key(
         "cronpipe_worker_task_duration_seconds_count",
         "task=\"tick\"",
@@ -234,9 +239,8 @@ fn slots_for(envs: &[cronpipe_shared::Envelope], schedule: &str) -> Vec<DateTime
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runtime_schedule_add_pause_resume_remove_through_the_cli() {
-    let env = TestEnv::new("dynsched").await;
+broker_test!(runtime_schedule_add_pause_resume_remove_through_the_cli);
+async fn runtime_schedule_add_pause_resume_remove_through_the_cli(env: TestEnv) {
     let cfg = env.write_config(
         "cronpipe.toml",
         &format!(
@@ -454,7 +458,7 @@ permanent_exit_codes = [64]
         "one failed run, then exactly one replayed run"
     );
     assert!(
-        env.drain(&format!("{}.dlq", env.queue)).await.is_empty(),
+        env.drain_dead_letters().await.is_empty(),
         "the entry left the dead-letter queue"
     );
     let (_, hist, _) = cli(
@@ -471,9 +475,8 @@ permanent_exit_codes = [64]
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_api_requires_the_token_and_names_bad_fields() {
-    let env = TestEnv::new("admin").await;
+broker_test!(admin_api_requires_the_token_and_names_bad_fields);
+async fn admin_api_requires_the_token_and_names_bad_fields(env: TestEnv) {
     let cfg = env.write_config(
         "cronpipe.toml",
         &format!(

@@ -1,52 +1,15 @@
 //! Foundation: a schedule fires in the producer, the leader publishes
 //! confirmed persistent messages, a worker runs each once; leadership is
-//! exclusive and a clean stop hands over quickly.
+//! exclusive and a clean stop hands over quickly. Every test runs on
+//! RabbitMQ and on Kafka (mock cluster).
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use cronpipe_producer::clock::SystemClock;
-use cronpipe_tests::{wait_until, Proc, TestEnv};
+use cronpipe_tests::{broker_test, wait_until, Proc, TestEnv};
 use cronpipe_worker::{Registry, Settled};
 use nix::sys::signal::Signal;
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
-
-fn producer_opts(id: &str, ttl: Duration) -> cronpipe_producer::Options {
-    cronpipe_producer::Options {
-        instance_id: id.into(),
-        lease_ttl: ttl,
-        misfire_threshold: Duration::from_secs(1),
-        clock: Arc::new(SystemClock),
-        status: Default::default(),
-    }
-}
-
-fn spawn_producer(
-    env: &TestEnv,
-    config: &cronpipe_shared::Config,
-    id: &str,
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let stop = CancellationToken::new();
-    let (_tx, rx) = watch::channel(Arc::new(config.built_schedules().expect("schedules")));
-    let store = env.store.clone();
-    let opts = producer_opts(id, config.producer.lease_ttl.get());
-    let cfg = config.broker.clone();
-    let s = stop.clone();
-    let name = id.to_string();
-    let handle = tokio::spawn(async move {
-        let broker = cronpipe_shared::Broker::connect(&cfg, &name)
-            .await
-            .expect("broker");
-        let _keep = _tx;
-        cronpipe_producer::run(opts, store, broker, rx, s)
-            .await
-            .expect("producer run");
-    });
-    (stop, handle)
-}
 
 fn slots_of(envs: &[cronpipe_shared::Envelope]) -> Vec<DateTime<Utc>> {
     envs.iter()
@@ -67,24 +30,22 @@ fn assert_contiguous_seconds(slots: &BTreeSet<DateTime<Utc>>) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_second_schedule_publishes_each_slot_once_and_runs_it_once() {
-    let env = TestEnv::new("e2e").await;
+broker_test!(every_second_schedule_publishes_each_slot_once_and_runs_it_once);
+async fn every_second_schedule_publishes_each_slot_once_and_runs_it_once(env: TestEnv) {
     let config = env.config(&format!(
         "[schedule.tick]\ncron = \"* * * * * *\"\ntask = \"count\"\nmisfire = \"fire_all\"\n{}",
         env.exec_task("count", "")
     ));
 
     // Phase 1: the producer alone for over 5 seconds; inspect what reached the queue.
-    let (stop, handle) = spawn_producer(&env, &config, "p1");
+    let producer = env.spawn_producer(&config, "p1").await;
     let started = Instant::now();
     let counted = wait_until(Duration::from_secs(15), || async {
         started.elapsed() >= Duration::from_millis(5500)
     })
     .await;
     assert!(counted);
-    stop.cancel();
-    handle.await.expect("producer task");
+    producer.shutdown().await;
     let envs = env.drain_envelopes().await;
     let slots = slots_of(&envs);
     let distinct: BTreeSet<_> = slots.iter().copied().collect();
@@ -115,30 +76,12 @@ async fn every_second_schedule_publishes_each_slot_once_and_runs_it_once() {
     for e in envs.iter().chain(envs.iter()) {
         env.broker.publish(e).await.expect("publish");
     }
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut opts = cronpipe_worker::Options::from_config(config.clone());
-    opts.instance_id = "w1".into();
-    opts.reports = Some(tx);
-    let registry =
-        cronpipe_worker::registry_from_config(&config, Registry::new()).expect("registry");
-    let wstop = CancellationToken::new();
-    let wh = tokio::spawn(cronpipe_worker::run(
-        opts,
-        env.store.clone(),
-        env.broker.clone(),
-        registry,
-        wstop.clone(),
-    ));
+    let mut worker = env.spawn_worker(&config, "w1", Registry::new()).await;
     let mut outcomes = Vec::new();
     while outcomes.len() < envs.len() * 2 {
-        let r = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-            .await
-            .expect("worker reports")
-            .expect("open");
-        outcomes.push(r.settled);
+        outcomes.push(worker.next(Duration::from_secs(20)).await.settled);
     }
-    wstop.cancel();
-    wh.await.expect("join").expect("worker run");
+    worker.shutdown().await;
     let runs = env.runs();
     let ran: Vec<&str> = runs
         .iter()
@@ -164,18 +107,28 @@ async fn every_second_schedule_publishes_each_slot_once_and_runs_it_once() {
         envs.len(),
         "every duplicate was skipped or deferred, none ran"
     );
+    if env.is_kafka() {
+        // Every settled message was committed by the clean stop: the n
+        // originals (taken by the drain) and the 2n copies.
+        let committed: i64 = env
+            .committed(env.topic())
+            .await
+            .iter()
+            .filter_map(|(_, o)| *o)
+            .sum();
+        assert_eq!(committed as usize, 3 * envs.len(), "work offsets committed");
+    }
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_producers_started_together_only_one_publishes() {
-    let env = TestEnv::new("two").await;
+broker_test!(two_producers_started_together_only_one_publishes);
+async fn two_producers_started_together_only_one_publishes(env: TestEnv) {
     let config = env.config(&format!(
         "[schedule.tick]\ncron = \"* * * * * *\"\ntask = \"count\"\nmisfire = \"fire_all\"\n{}",
         env.exec_task("count", "")
     ));
-    let (s1, h1) = spawn_producer(&env, &config, "pa");
-    let (s2, h2) = spawn_producer(&env, &config, "pb");
+    let pa = env.spawn_producer(&config, "pa").await;
+    let pb = env.spawn_producer(&config, "pb").await;
     let started = Instant::now();
     assert!(
         wait_until(Duration::from_secs(10), || async {
@@ -183,10 +136,10 @@ async fn two_producers_started_together_only_one_publishes() {
         })
         .await
     );
-    s1.cancel();
-    s2.cancel();
-    h1.await.expect("p1");
-    h2.await.expect("p2");
+    pa.stop.cancel();
+    pb.stop.cancel();
+    pa.handle.await.expect("pa");
+    pb.handle.await.expect("pb");
     let envs = env.drain_envelopes().await;
     assert!(
         envs.len() >= 3,
@@ -238,9 +191,8 @@ fn lease_holder_instance(value: &str) -> String {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_on_the_leader_hands_over_to_the_standby_quickly() {
-    let env = TestEnv::new("sigterm").await;
+broker_test!(sigterm_on_the_leader_hands_over_to_the_standby_quickly);
+async fn sigterm_on_the_leader_hands_over_to_the_standby_quickly(env: TestEnv) {
     let cfg = env.write_config(
         "cronpipe.toml",
         &format!(

@@ -200,10 +200,10 @@ async fn python_publisher_task_runs_once_with_its_id_and_payload() {
 
     // Nothing left over, nothing dead-lettered.
     assert!(
-        env.drain(&env.queue).await.is_empty(),
+        env.drain_queue(&env.queue).await.is_empty(),
         "work queue not empty"
     );
     let dlq = env.rabbit().dlq_name();
-    assert!(env.drain(&dlq).await.is_empty(), "dead letters: {dlq}");
+    assert!(env.drain_queue(&dlq).await.is_empty(), "dead letters: {dlq}");
     env.cleanup().await;
 }

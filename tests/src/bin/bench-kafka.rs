@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use cronpipe_shared::store::Outcome;
 use cronpipe_shared::Envelope;
-use cronpipe_tests::kafka::{external_brokers, Cluster, KafkaEnv};
+use cronpipe_tests::kafka::{external_brokers, Cluster};
+use cronpipe_tests::TestEnv;
 use cronpipe_worker::{Registry, Settled, Task, TaskError};
 use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -59,14 +60,14 @@ async fn main() -> anyhow::Result<()> {
     let conc = arg("CONCURRENCY", 64)?;
     let partitions = arg("PARTITIONS", 6)?;
     let env = match external_brokers() {
-        Some(_) => KafkaEnv::external("bench-kafka", partitions as i32)
+        Some(_) => TestEnv::kafka_external("bench-kafka", partitions as i32)
             .await
             .context("external broker")?,
-        None => KafkaEnv::mock("bench-kafka", partitions as i32).await,
+        None => TestEnv::kafka_mock("bench-kafka", partitions as i32).await,
     };
     println!(
         "bench-kafka: {n} no-op tasks, concurrency {conc}, {partitions} partitions, broker {}",
-        match &env.cluster {
+        match env.cluster() {
             Cluster::Mock(_) => "librdkafka mock cluster (in process)".to_string(),
             Cluster::External(b) => b.clone(),
         }
@@ -107,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// The Kafka adapter alone: `Broker::consume` deliveries with the raw
 /// harness's claim/finish work and an ack, without the worker loop.
-async fn adapter_path(env: &KafkaEnv, n: usize, conc: usize) -> anyhow::Result<Rates> {
+async fn adapter_path(env: &TestEnv, n: usize, conc: usize) -> anyhow::Result<Rates> {
     let envs: Vec<Envelope> = (0..n + WARMUP)
         .map(|_| Envelope::new("noop", serde_json::Value::Null))
         .collect();
@@ -173,7 +174,7 @@ async fn adapter_path(env: &KafkaEnv, n: usize, conc: usize) -> anyhow::Result<R
     })
 }
 
-async fn cronpipe_path(env: &KafkaEnv, n: usize, conc: usize) -> anyhow::Result<Rates> {
+async fn cronpipe_path(env: &TestEnv, n: usize, conc: usize) -> anyhow::Result<Rates> {
     let envs: Vec<Envelope> = (0..n + WARMUP)
         .map(|_| Envelope::new("noop", serde_json::Value::Null))
         .collect();
@@ -226,14 +227,14 @@ enum RawWork {
 }
 
 async fn raw_path(
-    env: &KafkaEnv,
+    env: &TestEnv,
     n: usize,
     conc: usize,
     partitions: i32,
     work: RawWork,
 ) -> anyhow::Result<Rates> {
-    let topic = format!("{}.raw-{work:?}", env.topic).to_lowercase();
-    if let Cluster::Mock(m) = &env.cluster {
+    let topic = format!("{}.raw-{work:?}", env.queue).to_lowercase();
+    if let Cluster::Mock(m) = env.cluster() {
         m.create_topic(&topic, partitions);
     }
     let producer: FutureProducer = ClientConfig::new()
