@@ -204,7 +204,10 @@ fn next(
 }
 
 fn run(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = match cronpipe_shared::cli::load_config(path) {
+    // Parsed apart (see `memory::isolated`): with 10,000 schedules the parse
+    // is megabytes of temporary nodes the producer must not stay fragmented by.
+    let loaded = cronpipe_shared::memory::isolated(|| cronpipe_shared::cli::load_config(path));
+    let config = match loaded {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -248,6 +251,7 @@ async fn async_run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     // Not needed past this point (the admin API holds its own copy), and with
     // 10,000 schedules the parsed file is megabytes of heap.
     drop(config);
+    cronpipe_shared::memory::release_free();
     cronpipe_producer::run(opts, store, broker, rx, shutdown)
         .await
         .context("producer stopped")?;
@@ -290,7 +294,7 @@ fn spawn_signals(
 }
 
 fn reload(path: &Path, tx: &watch::Sender<Arc<Vec<BuiltSchedule>>>, reason: &str) {
-    match Config::load(path) {
+    match cronpipe_shared::memory::isolated(|| Config::load(path)) {
         Err(errors) => {
             for e in &errors.0 {
                 tracing::error!(problem = %e, "Config reload rejected; keeping the running schedules");
@@ -306,4 +310,6 @@ fn reload(path: &Path, tx: &watch::Sender<Arc<Vec<BuiltSchedule>>>, reason: &str
             }
         },
     }
+    // The parsed file is gone now; return its pages.
+    cronpipe_shared::memory::release_free();
 }

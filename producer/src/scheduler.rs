@@ -197,6 +197,8 @@ pub async fn lead(ctx: &mut Ctx<'_>, lease: &Lease) -> Exit {
     let Some(mut state) = load(ctx, lease).await else {
         return exit_reason(ctx, lease);
     };
+    // The watermark map and the old state are gone: hand their pages back.
+    cronpipe_shared::memory::release_free();
     tracing::info!(
         token = lease.token,
         schedules = state.entries.len(),
@@ -244,6 +246,8 @@ pub async fn lead(ctx: &mut Ctx<'_>, lease: &Lease) -> Exit {
                 }
             }
             state = next;
+            drop(marks);
+            cronpipe_shared::memory::release_free();
             if !removed.is_empty() {
                 if let Err(e) = ctx.store.remove_watermarks(&removed).await {
                     tracing::warn!(error = %e, "Could not forget watermarks of removed schedules");

@@ -114,6 +114,11 @@ pub struct RabbitConfig {
     pub queue_type: QueueType,
     /// How long to wait for a publisher confirm before treating the publish as failed.
     pub confirm_timeout: Dur,
+    /// Largest AMQP frame this client proposes, in bytes (4096 to 131072;
+    /// a `frame_max` in `url` wins). Larger messages span several frames.
+    /// The client keeps two I/O buffers of 32 frames each, so this sets its
+    /// buffer memory: 16384 → 1 MiB, RabbitMQ's default 131072 → 8 MiB.
+    pub frame_max: u32,
 }
 
 impl Default for RabbitConfig {
@@ -123,6 +128,7 @@ impl Default for RabbitConfig {
             queue: "cronpipe.tasks".into(),
             queue_type: QueueType::Quorum,
             confirm_timeout: Dur::secs(10),
+            frame_max: 16_384,
         }
     }
 }
@@ -644,6 +650,13 @@ impl Config {
                 "broker.rabbitmq.queue".into(),
                 quoted(&rabbit.queue),
                 NAME_RULE.into(),
+            );
+        }
+        if !(4096..=131_072).contains(&rabbit.frame_max) {
+            push(
+                "broker.rabbitmq.frame_max".into(),
+                Some(rabbit.frame_max.to_string()),
+                "expected 4096 to 131072 bytes (AMQP's minimum frame size to RabbitMQ's default maximum)".into(),
             );
         }
         if self.producer.lease_ttl.get() < std::time::Duration::from_millis(300) {

@@ -7,7 +7,8 @@
 //! - [`schedule`]: cron / interval / ISO 8601 slot computation with DST rules.
 //! - [`duration`]: `"30s"`-style durations in config.
 //! - [`keys`]: every Redis key name.
-//! - [`store`]: Redis operations (lease, watermarks, idempotency claims) as Lua scripts.
+//! - [`memory`]: returning freed heap pages to the OS after big bursts.
+//! - [`store`]: Redis operations (lease, watermarks, idempotency claims), atomic (Lua scripts or single commands).
 //! - [`broker`]: the broker abstraction and its RabbitMQ and Kafka adapters.
 //! - [`deadletter`]: the dead-letter record.
 //! - [`backoff`]: retry delays for failed tasks.
@@ -23,6 +24,7 @@ pub mod deadletter;
 pub mod duration;
 pub mod envelope;
 pub mod keys;
+pub mod memory;
 pub mod ops;
 pub mod schedule;
 pub mod store;

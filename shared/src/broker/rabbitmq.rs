@@ -72,7 +72,16 @@ impl Rabbit {
                     .with_max_delay(Duration::from_secs(2))
                     .with_max_times(100_000)
             });
-        let conn = Connection::connect(&config.url, props)
+        let mut uri: lapin::uri::AMQPUri = config.url.parse().map_err(|e: String| {
+            BrokerError::Setup(format!(
+                "broker.rabbitmq.url {} is not a valid AMQP URL: {e}",
+                redact(&config.url)
+            ))
+        })?;
+        if uri.query.frame_max.is_none() {
+            uri.query.frame_max = Some(config.frame_max);
+        }
+        let conn = Connection::connect_uri(uri, props)
             .await
             .map_err(|e| unavailable(&format!("connecting to {}", redact(&config.url)), e))?;
         let publish = conn

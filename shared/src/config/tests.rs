@@ -97,6 +97,7 @@ fn empty_config_parses_with_defaults() {
     assert_eq!(c.broker.rabbitmq.queue, "cronpipe.tasks");
     assert_eq!(c.broker.rabbitmq.queue_type, QueueType::Quorum);
     assert_eq!(c.broker.rabbitmq.confirm_timeout, Dur::secs(10));
+    assert_eq!(c.broker.rabbitmq.frame_max, 16_384);
     assert_eq!(c.producer.instance_id, None);
     assert_eq!(c.producer.lease_ttl, Dur::secs(5));
     assert_eq!(c.producer.misfire_threshold, Dur::secs(1));
@@ -168,6 +169,7 @@ url = "amqps://user:pw@mq.internal:5671/prod"
 queue = "prod.tasks"
 queue_type = "classic"
 confirm_timeout = "3s"
+frame_max = 131072
 
 [producer]
 instance_id = "producer-a"
@@ -233,6 +235,7 @@ permanent_exit_codes = [2, 64]
     assert_eq!(c.redis.namespace, "prod:cronpipe");
     assert_eq!(c.broker.rabbitmq.queue_type, QueueType::Classic);
     assert_eq!(c.broker.rabbitmq.confirm_timeout, Dur::secs(3));
+    assert_eq!(c.broker.rabbitmq.frame_max, 131_072);
     assert_eq!(c.producer.misfire_threshold, Dur::millis(500));
     assert_eq!(c.worker.done_ttl, Dur::secs(7 * 24 * 3600));
     assert_eq!(c.worker.retry.multiplier, 3.0);
@@ -980,6 +983,15 @@ fn rabbitmq_queue_must_be_a_name() {
         "\"\"",
         &["1 to 200 characters"],
     );
+}
+
+#[test]
+fn rabbitmq_frame_max_is_bounded() {
+    for bad in ["4095", "131073", "0"] {
+        let e = only_error(&format!("[broker.rabbitmq]\nframe_max = {bad}\n"), &[]);
+        check(&e, "broker.rabbitmq.frame_max", bad, &["4096 to 131072"]);
+    }
+    parse_ok("[broker.rabbitmq]\nframe_max = 4096\n", &[]);
 }
 
 // ---------------------------------------------------------------- many errors
