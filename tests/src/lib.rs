@@ -163,6 +163,15 @@ impl TestEnv {
         }
     }
 
+    /// As [`TestEnv::on`], with a work queue / topic that delivers in publish
+    /// order (Kafka: one partition per topic), for tests of publish order.
+    pub async fn ordered(name: &str, kind: BrokerKind) -> TestEnv {
+        match kind {
+            BrokerKind::Rabbitmq => Self::rabbitmq(name).await,
+            BrokerKind::Kafka => Self::kafka_mock(name, 1).await,
+        }
+    }
+
     async fn rabbitmq(name: &str) -> TestEnv {
         let id = test_id(name);
         let namespace = format!("cptest-{id}");

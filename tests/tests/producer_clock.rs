@@ -1,5 +1,6 @@
 //! The producer on a hand-driven wall clock (`ManualClock`), in-process
-//! through the real `cronpipe_producer::run` against real Redis and RabbitMQ:
+//! through the real `cronpipe_producer::run` against real Redis and each
+//! broker (RabbitMQ, Kafka on the mock cluster):
 //! the 2026 DST transitions of New York, London and Sydney for a fixed-time,
 //! an hourly-step and an every-minute schedule, and wall-clock steps of one
 //! hour back (nothing past the watermark is published again, not even by a
@@ -21,7 +22,7 @@ use std::time::Duration;
 use chrono::{DateTime, DurationRound, Utc};
 use cronpipe_producer::clock::ManualClock;
 use cronpipe_shared::config::BuiltSchedule;
-use cronpipe_tests::{wait_until, TestEnv};
+use cronpipe_tests::{broker_test, wait_until, BrokerKind, TestEnv};
 use producer_common::*;
 
 fn minutes(n: i64) -> chrono::Duration {
@@ -92,10 +93,11 @@ fn assert_slots(got: Option<&BTreeSet<DateTime<Utc>>>, want: &BTreeSet<DateTime<
     );
 }
 
-/// One DST transition: the zone, the UTC instant the offset changes, the
-/// fixed-time expression, and its expected slots (UTC) from a day before to a
-/// day after.
+/// One DST transition, on a broker: the zone, the UTC instant the offset
+/// changes, the fixed-time expression, and its expected slots (UTC) from a
+/// day before to a day after.
 struct Transition {
+    kind: BrokerKind,
     label: &'static str,
     zone: &'static str,
     at: &'static str,
@@ -106,7 +108,7 @@ struct Transition {
 /// Runs the three schedules across `tr` from 26 h before to 26 h after:
 /// hourly steps far from the change, minute steps within 90 minutes of it.
 async fn across(tr: Transition) {
-    let env = TestEnv::new(tr.label).await;
+    let env = TestEnv::on(tr.label, tr.kind).await;
     let config = env.config(&format!(
         r#"
 [schedule.fixed]
@@ -223,11 +225,12 @@ misfire = "fire_all"
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_york_spring_forward_2026() {
+broker_test!(new_york_spring_forward_2026);
+async fn new_york_spring_forward_2026(kind: BrokerKind) {
     // 02:00 EST → 03:00 EDT on 2026-03-08 (07:00Z). 02:30 does not exist that
     // day: the slot fires once, right after the gap, at 03:00 EDT.
     across(Transition {
+        kind,
         label: "ny-spring",
         zone: "America/New_York",
         at: "2026-03-08T07:00:00Z",
@@ -241,11 +244,12 @@ async fn new_york_spring_forward_2026() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_york_fall_back_2026() {
+broker_test!(new_york_fall_back_2026);
+async fn new_york_fall_back_2026(kind: BrokerKind) {
     // 02:00 EDT → 01:00 EST on 2026-11-01 (06:00Z). 01:30 happens twice that
     // day: the slot fires once, at the first (EDT) one.
     across(Transition {
+        kind,
         label: "ny-fall",
         zone: "America/New_York",
         at: "2026-11-01T06:00:00Z",
@@ -259,10 +263,11 @@ async fn new_york_fall_back_2026() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn london_spring_forward_2026() {
+broker_test!(london_spring_forward_2026);
+async fn london_spring_forward_2026(kind: BrokerKind) {
     // 01:00 GMT → 02:00 BST on 2026-03-29 (01:00Z): 01:30 fires at 02:00 BST.
     across(Transition {
+        kind,
         label: "london-spring",
         zone: "Europe/London",
         at: "2026-03-29T01:00:00Z",
@@ -276,10 +281,11 @@ async fn london_spring_forward_2026() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn london_fall_back_2026() {
+broker_test!(london_fall_back_2026);
+async fn london_fall_back_2026(kind: BrokerKind) {
     // 02:00 BST → 01:00 GMT on 2026-10-25 (01:00Z): 01:30 fires once (BST).
     across(Transition {
+        kind,
         label: "london-fall",
         zone: "Europe/London",
         at: "2026-10-25T01:00:00Z",
@@ -293,11 +299,12 @@ async fn london_fall_back_2026() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sydney_fall_back_2026() {
+broker_test!(sydney_fall_back_2026);
+async fn sydney_fall_back_2026(kind: BrokerKind) {
     // 03:00 AEDT → 02:00 AEST on 2026-04-05 (2026-04-04T16:00Z): 02:30 fires
     // once, at the first (AEDT) one.
     across(Transition {
+        kind,
         label: "sydney-fall",
         zone: "Australia/Sydney",
         at: "2026-04-04T16:00:00Z",
@@ -311,11 +318,12 @@ async fn sydney_fall_back_2026() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sydney_spring_forward_2026() {
+broker_test!(sydney_spring_forward_2026);
+async fn sydney_spring_forward_2026(kind: BrokerKind) {
     // 02:00 AEST → 03:00 AEDT on 2026-10-04 (2026-10-03T16:00Z): 02:30 fires
     // at 03:00 AEDT.
     across(Transition {
+        kind,
         label: "sydney-spring",
         zone: "Australia/Sydney",
         at: "2026-10-03T16:00:00Z",
@@ -333,9 +341,8 @@ fn every_minute(name: &str, policy: &str, extra: &str) -> String {
     format!("\n[schedule.{name}]\ncron = \"0 * * * * *\"\ntask = \"t\"\nmisfire = \"{policy}\"\n{extra}\n")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wall_clock_step_back_one_hour_never_republishes_past_the_watermark() {
-    let env = TestEnv::new("clock-back").await;
+broker_test!(wall_clock_step_back_one_hour_never_republishes_past_the_watermark);
+async fn wall_clock_step_back_one_hour_never_republishes_past_the_watermark(env: TestEnv) {
     let config = env.config(&format!(
         "{}{}",
         every_minute("tick", "fire_all", ""),
@@ -439,9 +446,10 @@ async fn wall_clock_step_back_one_hour_never_republishes_past_the_watermark() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wall_clock_step_forward_one_hour_goes_through_the_misfire_policy() {
-    let env = TestEnv::new("clock-fwd").await;
+broker_test!(wall_clock_step_forward_one_hour_goes_through_the_misfire_policy);
+async fn wall_clock_step_forward_one_hour_goes_through_the_misfire_policy(kind: BrokerKind) {
+    // Arrival order is publish order (Kafka: one partition), checked below.
+    let env = TestEnv::ordered("clock-fwd", kind).await;
     let config = env.config(&format!(
         "{}{}{}{}{}{}",
         every_minute("skip", "skip", ""),

@@ -1,12 +1,13 @@
 //! Producer failover with real `producer` processes against real Redis and
-//! RabbitMQ: leaders killed with SIGKILL at random moments (fire_all: no slot
-//! lost; skip: nothing published late, skips counted), failover time after
-//! SIGKILL (≤ TTL + 0.5 s) and after SIGTERM (≤ 0.5 s).
+//! each broker (RabbitMQ, Kafka on the mock cluster): leaders killed with
+//! SIGKILL at random moments (fire_all: no slot lost; skip: nothing published
+//! late, skips counted), failover time after SIGKILL (≤ TTL + 0.5 s) and
+//! after SIGTERM (≤ 0.5 s).
 //!
-//! Every message is read by a [`Recorder`] consuming the work queue, which
-//! notes when it arrived. The tests of this file run one at a time (a static
-//! mutex): they measure time, and three producers per test already keep a
-//! two-core machine busy.
+//! Every message is read by a [`Recorder`] consuming the work queue / topic,
+//! which notes when it arrived. The tests of this file, on both brokers, run
+//! one at a time (a static mutex): they measure time, and three producers
+//! per test already keep a two-core machine busy.
 
 mod producer_common;
 
@@ -14,7 +15,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use cronpipe_tests::TestEnv;
+use cronpipe_tests::{broker_test, TestEnv};
 use nix::sys::signal::Signal;
 use producer_common::*;
 
@@ -96,10 +97,9 @@ fn describe(failovers: &[Duration]) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fire_all_three_producers_ten_leader_kills_no_slot_lost() {
+broker_test!(fire_all_three_producers_ten_leader_kills_no_slot_lost);
+async fn fire_all_three_producers_ten_leader_kills_no_slot_lost(env: TestEnv) {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("kill-fireall").await;
     let (got, failovers, fleet) = kill_leaders(&env, "fire_all", 3, 10).await;
 
     let by_slot = publishes_by_slot(&got);
@@ -139,10 +139,9 @@ async fn fire_all_three_producers_ten_leader_kills_no_slot_lost() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skip_three_producers_ten_leader_kills_nothing_late_and_skips_counted() {
+broker_test!(skip_three_producers_ten_leader_kills_nothing_late_and_skips_counted);
+async fn skip_three_producers_ten_leader_kills_nothing_late_and_skips_counted(env: TestEnv) {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("kill-skip").await;
     let (got, failovers, fleet) = kill_leaders(&env, "skip", 3, 10).await;
 
     // Lateness is measured as arrival at a consumer that was already waiting
@@ -194,10 +193,9 @@ async fn skip_three_producers_ten_leader_kills_nothing_late_and_skips_counted() 
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_after_sigkill_within_ttl_plus_half_a_second() {
+broker_test!(failover_after_sigkill_within_ttl_plus_half_a_second);
+async fn failover_after_sigkill_within_ttl_plus_half_a_second(env: TestEnv) {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("kill-time").await;
     let (got, failovers, _fleet) = kill_leaders(&env, "fire_all", 2, 4).await;
     let bound = TTL + Duration::from_millis(500);
     eprintln!(
@@ -212,10 +210,9 @@ async fn failover_after_sigkill_within_ttl_plus_half_a_second() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handover_after_sigterm_within_half_a_second() {
+broker_test!(handover_after_sigterm_within_half_a_second);
+async fn handover_after_sigterm_within_half_a_second(env: TestEnv) {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("term-time").await;
     let cfg = env.write_config("cronpipe.toml", &tick_config("fire_all"));
     let rec = Recorder::start(&env).await;
     let mut fleet = Fleet::new(&cfg, env.dir.path());

@@ -1,7 +1,7 @@
-//! Hot reload of a running `producer` process: editing the config file adds
-//! and changes schedules without a restart and without losing the lease; an
-//! invalid edit is rejected with the key named and the running set stays;
-//! SIGHUP reloads too.
+//! Hot reload of a running `producer` process, on RabbitMQ and on Kafka:
+//! editing the config file adds and changes schedules without a restart and
+//! without losing the lease; an invalid edit is rejected with the key named
+//! and the running set stays; SIGHUP reloads too.
 
 mod producer_common;
 
@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Timelike, Utc};
-use cronpipe_tests::{wait_until, TestEnv};
+use cronpipe_tests::{broker_test, wait_until, TestEnv};
 use nix::sys::signal::Signal;
 use producer_common::*;
 
@@ -38,9 +38,8 @@ fn of(got: &[Received], schedule: &str, after: DateTime<Utc>) -> Vec<Received> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn config_edits_and_sighup_reload_schedules_without_losing_the_lease() {
-    let env = TestEnv::new("reload").await;
+broker_test!(config_edits_and_sighup_reload_schedules_without_losing_the_lease);
+async fn config_edits_and_sighup_reload_schedules_without_losing_the_lease(env: TestEnv) {
     let v1 = schedules(&[("alpha", "* * * * * *"), ("beta", "*/5 * * * * *")]);
     let cfg = env.write_config("cronpipe.toml", &v1);
     let rec = Recorder::start(&env).await;

@@ -1,5 +1,5 @@
-//! One producer with 10,000 schedules (in-process, real Redis and RabbitMQ,
-//! a hand-driven clock): every new schedule's baseline watermark is stored,
+//! One producer with 10,000 schedules (in-process, real Redis, RabbitMQ or
+//! Kafka, a hand-driven clock): every new schedule's baseline watermark is stored,
 //! and the 1,000 of them that fire on the same second go out in one
 //! pipelined batch, every time.
 
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use cronpipe_producer::clock::ManualClock;
 use cronpipe_shared::config::{BuiltSchedule, MisfirePolicy, ScheduleConfig};
-use cronpipe_tests::{wait_until, TestEnv};
+use cronpipe_tests::{broker_test, wait_until, TestEnv};
 use producer_common::*;
 
 fn schedule(name: &str, cron: &str) -> BuiltSchedule {
@@ -32,9 +32,8 @@ fn schedule(name: &str, cron: &str) -> BuiltSchedule {
     .expect("schedule")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_schedules_and_a_thousand_on_one_second_in_one_batch() {
-    let env = TestEnv::new("scale").await;
+broker_test!(ten_thousand_schedules_and_a_thousand_on_one_second_in_one_batch);
+async fn ten_thousand_schedules_and_a_thousand_on_one_second_in_one_batch(env: TestEnv) {
     let config = env.config(&noop_task("t"));
     // 1,000 fire at second 0 of every minute; 9,000 once a year (at different seconds).
     let mut set: Vec<BuiltSchedule> = (0..1000)

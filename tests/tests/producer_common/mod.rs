@@ -1,7 +1,7 @@
 //! Helpers shared by the producer test files: a recorder that consumes the
-//! work queue and notes when each message arrived, a fleet of producer
-//! processes that can be killed and restarted, lease and log readers, slot
-//! bookkeeping, and an in-process producer on a chosen clock.
+//! work queue (or topic) and notes when each message arrived, a fleet of
+//! producer processes that can be killed and restarted, lease and log
+//! readers, slot bookkeeping, and an in-process producer on a chosen clock.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,14 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use cronpipe_producer::clock::Clock;
-use cronpipe_shared::config::{BrokerConfig, BuiltSchedule};
-use cronpipe_shared::{Broker, Config, Envelope};
-use cronpipe_tests::{amqp_url, Proc, TestEnv};
+use cronpipe_shared::config::{BrokerConfig, PropertyValue};
+use cronpipe_shared::{Broker, Envelope};
+use cronpipe_tests::{Proc, TestEnv};
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// A producer running in this test process, on a chosen clock.
+#[allow(unused_imports)]
+pub use cronpipe_tests::RunningProducer as InProc;
 
 /// One message as the recorder saw it.
 #[derive(Debug, Clone)]
@@ -50,7 +53,7 @@ impl Received {
     }
 }
 
-/// Broker settings for the queue of `env` at `url`.
+/// RabbitMQ settings for the queue of `env` at `url` (another vhost, a proxy).
 pub fn broker_config(env: &TestEnv, url: &str) -> BrokerConfig {
     let mut cfg = BrokerConfig::default();
     cfg.rabbitmq.url = url.to_string();
@@ -58,8 +61,9 @@ pub fn broker_config(env: &TestEnv, url: &str) -> BrokerConfig {
     cfg
 }
 
-/// Consumes the work queue on its own connection, recording every message
-/// with its arrival time before acking it.
+/// Consumes the work queue (Kafka: the work topic, in the workers' group) on
+/// its own connection, recording every message with its arrival time before
+/// acking it.
 pub struct Recorder {
     got: Arc<Mutex<Vec<Received>>>,
     stop: CancellationToken,
@@ -67,9 +71,18 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Starts consuming the queue of `env` on the default vhost.
+    /// Starts consuming the work queue / topic of `env`. On Kafka the fetch
+    /// wait is cut to 10 ms: the mock cluster holds an empty fetch for the
+    /// whole `fetch.wait.max.ms` (500 ms by default) even when a message
+    /// arrives meanwhile, which would add up to half a second to every
+    /// arrival time measured here.
     pub async fn start(env: &TestEnv) -> Recorder {
-        Self::start_with(broker_config(env, &amqp_url())).await
+        let mut cfg = env.broker_config();
+        cfg.kafka
+            .properties
+            .0
+            .insert("fetch.wait.max.ms".into(), PropertyValue::Int(10));
+        Self::start_with(cfg).await
     }
 
     /// Starts consuming with `cfg`.
@@ -364,73 +377,6 @@ misfire = "{policy}"
 {task}"#,
         task = noop_task("count")
     )
-}
-
-/// A producer running in this test process, on `clock`.
-pub struct InProc {
-    /// Cancel to shut it down (it releases its lease).
-    pub stop: CancellationToken,
-    /// Its `run` task.
-    pub handle: JoinHandle<()>,
-    /// Send a new schedule set (a reload).
-    pub schedules: watch::Sender<Arc<Vec<BuiltSchedule>>>,
-}
-
-impl InProc {
-    /// Starts `cronpipe_producer::run` with `config`'s schedules on `clock`.
-    pub async fn start(
-        env: &TestEnv,
-        config: &Config,
-        id: &str,
-        clock: Arc<dyn Clock>,
-        misfire_threshold: Duration,
-    ) -> InProc {
-        Self::start_with(
-            env,
-            config,
-            config.built_schedules().expect("schedules"),
-            id,
-            clock,
-            misfire_threshold,
-        )
-        .await
-    }
-
-    /// As [`InProc::start`] with an explicit schedule set.
-    pub async fn start_with(
-        env: &TestEnv,
-        config: &Config,
-        schedules: Vec<BuiltSchedule>,
-        id: &str,
-        clock: Arc<dyn Clock>,
-        misfire_threshold: Duration,
-    ) -> InProc {
-        let mut opts = cronpipe_producer::Options::from_config(config);
-        opts.instance_id = id.to_string();
-        opts.clock = clock;
-        opts.misfire_threshold = misfire_threshold;
-        let (tx, rx) = watch::channel(Arc::new(schedules));
-        let broker = Broker::connect(&config.broker, id).await.expect("broker");
-        let store = env.store.clone();
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        let handle = tokio::spawn(async move {
-            cronpipe_producer::run(opts, store, broker, rx, s)
-                .await
-                .expect("producer run");
-        });
-        InProc {
-            stop,
-            handle,
-            schedules: tx,
-        }
-    }
-
-    /// Shuts it down and waits for it.
-    pub async fn shutdown(self) {
-        self.stop.cancel();
-        self.handle.await.expect("producer task");
-    }
 }
 
 /// A TCP proxy in front of a service that the test can partition: when cut,
