@@ -50,11 +50,29 @@ async fn two_workers_in_one_group_share_a_four_partition_topic_and_run_each_task
             counting_handler(runs.clone(), Duration::from_millis(40)),
         )
     };
-    let mut a = env.spawn_worker(&config, "wa", registry()).await;
-    let mut b = env.spawn_worker(&config, "wb", registry()).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut ids = Vec::new();
-    for batch in 0..2 {
+    let a = env.spawn_worker(&config, "wa", registry()).await;
+    let b = env.spawn_worker(&config, "wb", registry()).await;
+    let ran = || -> HashSet<String> {
+        runs.lock()
+            .expect("runs")
+            .iter()
+            .map(|r| r.0.clone())
+            .collect()
+    };
+    let both_ran = || {
+        let workers: HashSet<String> = runs
+            .lock()
+            .expect("runs")
+            .iter()
+            .map(|r| r.1.clone())
+            .collect();
+        workers.len() == 2
+    };
+    // Batches of 20 until both members have run tasks: the group settles
+    // (the second member joins, a rebalance splits the partitions) while
+    // tasks flow, and every task must still run once.
+    let mut ids: HashSet<String> = HashSet::new();
+    for batch in 0..20 {
         let envs: Vec<Envelope> = (0..20)
             .map(|i| Envelope::new("count", serde_json::json!({"batch": batch, "i": i})))
             .collect();
@@ -62,24 +80,32 @@ async fn two_workers_in_one_group_share_a_four_partition_topic_and_run_each_task
             r.expect("publish");
         }
         ids.extend(envs.into_iter().map(|e| e.id));
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            wait_until(REPORT_WAIT, || async { ran() == ids }).await,
+            "batch {batch}: every task ran"
+        );
+        if both_ran() && batch >= 1 {
+            break;
+        }
     }
-    let expected: HashSet<String> = ids.iter().cloned().collect();
+    // Both members commit as they go. (Waited for before stopping: once one
+    // member leaves, the mock cluster refuses the other's commits until the
+    // rebalance completes, where Kafka accepts them.)
+    let committed = || async {
+        env.committed(env.topic())
+            .await
+            .iter()
+            .filter_map(|(_, o)| *o)
+            .sum::<i64>() as usize
+    };
     assert!(
-        wait_until(REPORT_WAIT, || async {
-            let got: HashSet<String> = runs
-                .lock()
-                .expect("runs")
-                .iter()
-                .map(|r| r.0.clone())
-                .collect();
-            got == expected
-        })
-        .await,
-        "every task ran"
+        wait_until(REPORT_WAIT, || async { committed().await == ids.len() }).await,
+        "every work offset committed while both run: {:?}",
+        env.committed(env.topic()).await
     );
-    // Let any redelivery after a rebalance show up before counting.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A clean stop of both ends every run: count then.
+    a.shutdown().await;
+    b.shutdown().await;
     let runs = runs.lock().expect("runs").clone();
     let mut per_id: HashMap<&str, usize> = HashMap::new();
     let mut per_worker: HashMap<&str, usize> = HashMap::new();
@@ -91,26 +117,17 @@ async fn two_workers_in_one_group_share_a_four_partition_topic_and_run_each_task
         per_id.values().all(|n| *n == 1),
         "a task ran twice: {per_id:?}"
     );
-    assert_eq!(per_id.len(), 40);
+    assert_eq!(per_id.len(), ids.len());
     assert!(
         per_worker.get("wa").copied().unwrap_or(0) > 0
             && per_worker.get("wb").copied().unwrap_or(0) > 0,
         "both members got partitions: {per_worker:?}"
     );
     eprintln!("runs per worker: {per_worker:?}");
-    while a.reports.try_recv().is_ok() {}
-    while b.reports.try_recv().is_ok() {}
-    a.shutdown().await;
-    b.shutdown().await;
-    let committed: i64 = env
-        .committed(env.topic())
-        .await
-        .iter()
-        .filter_map(|x| x.1)
-        .sum();
     assert_eq!(
-        committed, 40,
-        "all work offsets committed after a clean stop"
+        committed().await,
+        ids.len(),
+        "the clean stop moved no commit back"
     );
     env.cleanup().await;
 }
