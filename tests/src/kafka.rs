@@ -69,6 +69,28 @@ impl MockKafka {
             .bootstrap_servers()
     }
 
+    /// Takes the cluster's broker down: connections close and new ones are
+    /// refused until [`MockKafka::broker_up`] (an outage; the cluster's own
+    /// timers, group sessions included, keep running).
+    pub fn broker_down(&self) {
+        self.owner
+            .client()
+            .mock_cluster()
+            .expect("mock cluster")
+            .broker_down(1)
+            .expect("mock broker down");
+    }
+
+    /// Brings the broker back after [`MockKafka::broker_down`].
+    pub fn broker_up(&self) {
+        self.owner
+            .client()
+            .mock_cluster()
+            .expect("mock cluster")
+            .broker_up(1)
+            .expect("mock broker up");
+    }
+
     /// Creates a topic (the mock does not implement the CreateTopics admin request).
     pub fn create_topic(&self, name: &str, partitions: i32) {
         self.owner
@@ -141,6 +163,14 @@ impl TestEnv {
         self.cluster
             .as_ref()
             .expect("this test world runs on RabbitMQ, not Kafka")
+    }
+
+    /// The mock cluster of this world (panics on RabbitMQ or an external broker).
+    pub fn mock(&self) -> &MockKafka {
+        match self.cluster() {
+            Cluster::Mock(m) => m,
+            Cluster::External(b) => panic!("this test world runs on the external broker {b}"),
+        }
     }
 
     /// Kafka bootstrap servers.

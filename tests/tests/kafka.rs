@@ -1,6 +1,10 @@
 //! Kafka-only behaviour, against librdkafka's in-process mock cluster: two
 //! workers share a group; offsets are committed only past settled messages;
-//! a retry copy that is not due holds up nothing else; requeue re-publishes.
+//! a retry copy that is not due holds up nothing else; requeue re-publishes;
+//! a broker outage (the mock's broker down, then up) under a worker or a
+//! producer loses nothing and runs nothing twice (the counterparts of the
+//! RabbitMQ `*_chaos.rs` tests; the outage touches only the test's own
+//! cluster, so they run beside the rest).
 //! The behaviours Kafka shares with RabbitMQ (slots published and run once,
 //! duplicates, retries, dead letters, ...) are tested on both brokers by the
 //! other files (`broker_test!`).
@@ -275,5 +279,170 @@ async fn requeue_republishes_the_message_and_it_comes_back_flagged_redelivered()
         env.committed(env.topic()).await
     );
     consumer.cancel().await;
+    env.cleanup().await;
+}
+
+/// The counterpart of worker_chaos.rs on Kafka: the mock cluster's broker
+/// goes down mid-run for longer than the group session (the worker's member
+/// expires, its in-flight acks cannot be committed), then comes back. Every
+/// task runs exactly once, the worker survives, and the commits catch up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_during_a_run_loses_no_task_and_runs_none_twice() {
+    const N: usize = 3000;
+    let env = TestEnv::kafka_mock("outage-worker", 4).await;
+    let config = env
+        .config("[worker]\nconcurrency = 32\nclaim_ttl = \"2s\"\n[task.n]\nhandler = \"rust\"\n");
+    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let r = runs.clone();
+    let registry = Registry::new().register("n", move |t: Task| {
+        *r.lock()
+            .expect("runs")
+            .entry(t.envelope.id.clone())
+            .or_default() += 1;
+        async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<(), TaskError>(())
+        }
+    });
+    let envs: Vec<Envelope> = (0..N)
+        .map(|i| Envelope::new("n", serde_json::json!(i)))
+        .collect();
+    for chunk in envs.chunks(1000) {
+        for r in env.broker.publish_batch(chunk).await {
+            r.expect("publish");
+        }
+    }
+    let mut w = env.spawn_worker(&config, "w-outage", registry).await;
+    let ran = || runs.lock().expect("runs").len();
+    assert!(
+        wait_until(Duration::from_secs(60), || async { ran() >= N / 4 }).await,
+        "only {} of {N} ran before the outage",
+        ran()
+    );
+    env.mock().broker_down();
+    let down_at = ran();
+    // The outage itself: longer than session.timeout.ms (6 s), so the group
+    // drops the worker's member and hands its partitions out again.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    env.mock().broker_up();
+    let up_at = ran();
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(120), || async { ran() == N }).await,
+        "only {} of {N} ran; worker finished: {}",
+        ran(),
+        w.handle.is_finished()
+    );
+    let committed = || async {
+        env.committed(env.topic())
+            .await
+            .iter()
+            .filter_map(|(_, o)| *o)
+            .sum::<i64>() as usize
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || async { committed().await == N }).await,
+        "commits caught up after the outage: {:?}",
+        env.committed(env.topic()).await
+    );
+    assert!(!w.handle.is_finished(), "the worker survived the outage");
+    let mut settled: HashMap<&'static str, usize> = HashMap::new();
+    while let Ok(r) = w.reports.try_recv() {
+        *settled.entry(r.settled.as_str()).or_default() += 1;
+    }
+    w.shutdown().await;
+    let runs = runs.lock().expect("runs").clone();
+    assert_eq!(runs.len(), N, "none lost");
+    let twice: Vec<(&String, &u32)> = runs.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "ran more than once: {twice:?}");
+    assert_eq!(
+        settled.get(Settled::Success.as_str()).copied().unwrap_or(0),
+        N,
+        "{settled:?}"
+    );
+    assert!(
+        env.drain_dead_letters().await.is_empty(),
+        "nothing dead-lettered"
+    );
+    eprintln!(
+        "outage: {down_at} ran before it, {up_at} by its end; all {N} ran once {:?} after it; outcomes {settled:?}",
+        t0.elapsed()
+    );
+    env.cleanup().await;
+}
+
+/// The counterpart of producer_chaos.rs's broker restart on Kafka: the mock
+/// cluster's broker goes down for a few seconds under a leading producer with
+/// an every-second fire_all schedule; no slot is lost, and the slots due
+/// during the outage are published once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_under_the_producer_loses_no_slot() {
+    let env = TestEnv::kafka_mock("outage-producer", 2).await;
+    let config = env.config(
+        "[producer]\nlease_ttl = \"2s\"\n\n[schedule.tick]\ncron = \"* * * * * *\"\ntask = \"t\"\nmisfire = \"fire_all\"\n\n[task.t]\nhandler = \"exec\"\ncommand = [\"/bin/true\"]\n",
+    );
+    let mark = || async {
+        env.store
+            .watermarks()
+            .await
+            .unwrap_or_default()
+            .get("tick")
+            .copied()
+    };
+    let p = env.spawn_producer(&config, "p0").await;
+    let start = chrono::Utc::now();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            mark()
+                .await
+                .is_some_and(|m| m >= start + chrono::Duration::seconds(2))
+        })
+        .await,
+        "the producer publishes"
+    );
+    env.mock().broker_down();
+    let down = chrono::Utc::now();
+    // The outage itself: a few seconds with the broker unreachable.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    env.mock().broker_up();
+    let up = chrono::Utc::now();
+    // The watermark moves only after the broker confirmed: wait for a slot
+    // due after the outage.
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            mark()
+                .await
+                .is_some_and(|m| m >= up + chrono::Duration::seconds(2))
+        })
+        .await,
+        "publishing resumed after the outage: watermark {:?}",
+        mark().await
+    );
+    p.shutdown().await;
+    let envs = env.drain_envelopes().await;
+    let slots: Vec<chrono::DateTime<chrono::Utc>> =
+        envs.iter().map(|e| e.slot.expect("slot")).collect();
+    let distinct: std::collections::BTreeSet<_> = slots.iter().copied().collect();
+    let v: Vec<_> = distinct.iter().collect();
+    let gaps: Vec<_> = v
+        .windows(2)
+        .filter(|w| *w[1] - *w[0] != chrono::Duration::seconds(1))
+        .collect();
+    assert!(gaps.is_empty(), "slots lost: {gaps:?}");
+    let (first, last) = (**v.first().expect("slots"), **v.last().expect("slots"));
+    assert!(
+        first <= down && last >= up,
+        "the run spans the outage: {first}..{last}"
+    );
+    let during = distinct.iter().filter(|s| **s > down && **s < up).count();
+    assert!(
+        during >= 3,
+        "slots due during the outage were published: {during}"
+    );
+    eprintln!(
+        "producer outage: {} slots {first}..{last} without a gap ({during} due while the broker was down), {} messages",
+        distinct.len(),
+        slots.len()
+    );
     env.cleanup().await;
 }
