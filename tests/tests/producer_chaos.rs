@@ -1,7 +1,8 @@
 //! The producer while shared services misbehave, with real `producer`
 //! processes: a leader cut off from Redis stops publishing before its lease
-//! can expire and leaderships never overlap; RabbitMQ connections closed and
-//! the broker app stopped and started lose no slot with `fire_all`.
+//! can expire and leaderships never overlap (on RabbitMQ and on Kafka);
+//! RabbitMQ connections closed and the broker app stopped and started lose no
+//! slot with `fire_all` (RabbitMQ only; kafka.rs has the Kafka outage).
 //!
 //! These tests disturb services other tests use, so they run one at a time
 //! (a static mutex) and keep the disturbance narrow: each producer reaches
@@ -18,16 +19,17 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use cronpipe_shared::Broker;
-use cronpipe_tests::{wait_until, TestEnv};
+use cronpipe_tests::{broker_test, wait_until, TestEnv};
 use producer_common::*;
 
 /// Serializes the tests of this file.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_cut_leader_stops_before_its_lease_can_expire_and_leaderships_never_overlap() {
+broker_test!(redis_cut_leader_stops_before_its_lease_can_expire_and_leaderships_never_overlap);
+async fn redis_cut_leader_stops_before_its_lease_can_expire_and_leaderships_never_overlap(
+    env: TestEnv,
+) {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new("redis-cut").await;
     let cfg = env.write_config("cronpipe.toml", &tick_config("fire_all"));
     let mut fleet = Fleet::new(&cfg, env.dir.path());
     let ids = ["p0", "p1", "p2"];
