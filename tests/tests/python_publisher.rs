@@ -204,6 +204,9 @@ async fn python_publisher_task_runs_once_with_its_id_and_payload() {
         "work queue not empty"
     );
     let dlq = env.rabbit().dlq_name();
-    assert!(env.drain_queue(&dlq).await.is_empty(), "dead letters: {dlq}");
+    assert!(
+        env.drain_queue(&dlq).await.is_empty(),
+        "dead letters: {dlq}"
+    );
     env.cleanup().await;
 }
