@@ -254,15 +254,16 @@ impl Store {
 
     /// Claims a task key for one attempt.
     ///
-    /// The hot path of every delivery: one round trip and no Lua (a script
-    /// costs Redis several times the plain commands it runs). A pipeline of
-    /// `SET state running:<worker> NX GET PX ttl`, `INCR attempts` and
-    /// `PEXPIRE attempts keep`: the `SET` takes the claim or returns the state
-    /// that stops it, and the `INCR` counts the attempt before anything runs,
-    /// so an attempt that kills its worker is counted. When the claim was not
-    /// taken the increment is moot for a finished key (`done`/`dead`) and is
-    /// taken back with `DECR` for a busy one, so deferred duplicates cost no
-    /// attempt.
+    /// The hot path of every delivery: no Lua (a script costs Redis several
+    /// times the plain commands it runs) and, for a first attempt, one round
+    /// trip of two commands: `SET state running:<worker> NX GET PX ttl` takes
+    /// the claim or returns the state that stops it, and `SET attempts 1 NX
+    /// GET PX keep` starts the attempt counter. Only when the counter already
+    /// existed (a retry, or a redelivery after a crash) does a second round
+    /// trip count the attempt (`INCR` + `PEXPIRE`); the claim is ours by then,
+    /// so nobody races it. Either way the attempt is counted before anything
+    /// runs, so an attempt that kills its worker still counts. A claim that
+    /// was not taken changes no counter (`NX`).
     pub async fn claim(
         &self,
         key: &str,
@@ -273,7 +274,7 @@ impl Store {
         let mut c = self.conn.clone();
         let state = self.keys.idem(key);
         let attempts = self.keys.attempts(key);
-        let (prev, n): (Option<String>, i64) = redis::pipe()
+        let (prev, earlier): (Option<String>, Option<i64>) = redis::pipe()
             .cmd("SET")
             .arg(&state)
             .arg(format!("running:{worker}"))
@@ -281,23 +282,37 @@ impl Store {
             .arg("GET")
             .arg("PX")
             .arg(ms(ttl))
-            .incr(&attempts, 1)
-            .pexpire(&attempts, ms(keep) as i64)
-            .ignore()
+            .cmd("SET")
+            .arg(&attempts)
+            .arg(1)
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(ms(keep))
             .query_async(&mut c)
             .await?;
         match prev.as_deref() {
-            None => Ok(Claim::Claimed {
-                attempt: u32::try_from(n).unwrap_or(u32::MAX),
-            }),
+            None => {
+                let attempt = match earlier {
+                    None => 1,
+                    Some(_) => {
+                        let (n,): (i64,) = redis::pipe()
+                            .incr(&attempts, 1)
+                            .pexpire(&attempts, ms(keep) as i64)
+                            .ignore()
+                            .query_async(&mut c)
+                            .await?;
+                        n
+                    }
+                };
+                Ok(Claim::Claimed {
+                    attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                })
+            }
             Some("done") => Ok(Claim::Done),
             Some("dead") => Ok(Claim::Dead),
             Some(owner) => {
-                let (_, left): (i64, i64) = redis::pipe()
-                    .decr(&attempts, 1)
-                    .pttl(&state)
-                    .query_async(&mut c)
-                    .await?;
+                let left: i64 = c.pttl(&state).await?;
                 Ok(Claim::Busy {
                     owner: owner.to_string(),
                     ttl: Duration::from_millis(left.max(0) as u64),

@@ -38,20 +38,42 @@ pub struct Entry {
     pub worker: String,
 }
 
+/// The one stream field an entry is stored in: a compact JSON array
+/// `[at_ms, id, task, outcome, attempt|null, duration_ms, worker]`. One field
+/// instead of seven makes an entry about half as costly to encode and for
+/// Redis to append, which matters at tens of thousands of tasks a second.
+const FIELD: &str = "e";
+
+type Packed<'a> = (i64, &'a str, &'a str, &'a str, Option<u32>, u64, &'a str);
+type Unpacked = (i64, String, String, String, Option<u32>, u64, String);
+
 impl Entry {
-    fn fields(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("at", self.at.timestamp_millis().to_string()),
-            ("id", self.id.clone()),
-            ("task", self.task.clone()),
-            ("outcome", self.outcome.clone()),
-            (
-                "attempt",
-                self.attempt.map(|a| a.to_string()).unwrap_or_default(),
-            ),
-            ("duration_ms", self.duration_ms.to_string()),
-            ("worker", self.worker.clone()),
-        ]
+    fn packed(&self) -> String {
+        let row: Packed<'_> = (
+            self.at.timestamp_millis(),
+            &self.id,
+            &self.task,
+            &self.outcome,
+            self.attempt,
+            self.duration_ms,
+            &self.worker,
+        );
+        // A tuple of numbers and strings always serializes.
+        serde_json::to_string(&row).unwrap_or_default()
+    }
+
+    fn unpack(text: &str) -> Option<Entry> {
+        let (at, id, task, outcome, attempt, duration_ms, worker): Unpacked =
+            serde_json::from_str(text).ok()?;
+        Some(Entry {
+            at: Utc.timestamp_millis_opt(at).single().unwrap_or_default(),
+            id,
+            task,
+            outcome,
+            attempt,
+            duration_ms,
+            worker,
+        })
     }
 }
 
@@ -106,7 +128,12 @@ async fn writer(
         }
         let mut pipe = redis::pipe();
         for e in &batch {
-            pipe.xadd_maxlen(&key, StreamMaxlen::Approx(max_len), "*", &e.fields())
+            pipe.xadd_maxlen(
+                &key,
+                StreamMaxlen::Approx(max_len),
+                "*",
+                &[(FIELD, e.packed())],
+            )
                 .ignore();
         }
         if last_age_trim.elapsed() >= Duration::from_secs(60) {
@@ -145,7 +172,8 @@ pub async fn record_now(
         .arg("~")
         .arg(max_len)
         .arg("*")
-        .arg(entry.fields())
+        .arg(FIELD)
+        .arg(entry.packed())
         .query_async(&mut conn)
         .await?;
     Ok(())
@@ -175,19 +203,12 @@ pub async fn recent(
             break;
         };
         for item in &page.ids {
-            let get = |f: &str| item.get::<String>(f).unwrap_or_default();
-            let entry = Entry {
-                at: get("at")
-                    .parse::<i64>()
-                    .ok()
-                    .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
-                    .unwrap_or_default(),
-                id: get("id"),
-                task: get("task"),
-                outcome: get("outcome"),
-                attempt: get("attempt").parse().ok(),
-                duration_ms: get("duration_ms").parse().unwrap_or(0),
-                worker: get("worker"),
+            let Some(entry) = item
+                .get::<String>(FIELD)
+                .as_deref()
+                .and_then(Entry::unpack)
+            else {
+                continue;
             };
             if task.is_none_or(|t| t == entry.task) {
                 out.push(entry);
@@ -202,4 +223,29 @@ pub async fn recent(
         end = format!("({last_id}");
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_survives_its_packed_form_whatever_its_strings_hold() {
+        let entry = Entry {
+            at: Utc.timestamp_millis_opt(1_790_000_000_123).unwrap(),
+            id: "id with \"quotes\",\ttabs and [brackets]".into(),
+            task: "report".into(),
+            outcome: "success".into(),
+            attempt: Some(3),
+            duration_ms: 42,
+            worker: "worker-a".into(),
+        };
+        assert_eq!(Entry::unpack(&entry.packed()), Some(entry.clone()));
+        let no_attempt = Entry {
+            attempt: None,
+            ..entry
+        };
+        assert_eq!(Entry::unpack(&no_attempt.packed()), Some(no_attempt));
+        assert_eq!(Entry::unpack("not json"), None);
+    }
 }

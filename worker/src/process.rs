@@ -225,7 +225,7 @@ pub async fn process(ctx: &Ctx, delivery: Delivery, abort: CancellationToken) ->
             &FailureDetail::default(),
             &ctx.worker,
         );
-        let settled = settle_dead(ctx, delivery, record, None).await;
+        let settled = Box::pin(settle_dead(ctx, delivery, record, None)).await;
         return report(settled, None, None);
     }
     let env = match Envelope::decode(body) {
@@ -245,7 +245,7 @@ pub async fn process(ctx: &Ctx, delivery: Delivery, abort: CancellationToken) ->
                 &FailureDetail::default(),
                 &ctx.worker,
             );
-            let settled = settle_dead(ctx, delivery, record, None).await;
+            let settled = Box::pin(settle_dead(ctx, delivery, record, None)).await;
             return report(settled, None, None);
         }
     };
@@ -314,7 +314,7 @@ async fn process_envelope(
             &FailureDetail::default(),
             &ctx.worker,
         );
-        return (settle_dead(ctx, delivery, record, None).await, None);
+        return (Box::pin(settle_dead(ctx, delivery, record, None)).await, None);
     };
     // The task permit comes before the claim: a delivery waiting for a permit
     // holds no claim, so it blocks nobody else and costs no attempt.
@@ -323,7 +323,7 @@ async fn process_envelope(
         Permit::Unlimited | Permit::Held(_) => {}
         Permit::Full => {
             tracing::debug!("Task at its concurrency limit; deferred");
-            return (defer(ctx, delivery, &env, LIMIT_DEFER).await, None);
+            return (Box::pin(defer(ctx, delivery, &env, LIMIT_DEFER)).await, None);
         }
         Permit::Stopping => {
             let _ = delivery.requeue().await;
@@ -359,7 +359,7 @@ async fn process_envelope(
             // Neither run in parallel nor drop: look again once the claim could have ended.
             let delay = ttl.clamp(Duration::from_millis(500), ctx.claim_ttl);
             tracing::info!(owner = %owner, recheck_in_ms = delay.as_millis() as u64, "Task in progress elsewhere; deferred");
-            return (defer(ctx, delivery, &env, delay).await, None);
+            return (Box::pin(defer(ctx, delivery, &env, delay)).await, None);
         }
         Ok(Claim::Claimed { attempt }) => attempt,
     };
@@ -379,7 +379,7 @@ async fn process_envelope(
             &ctx.worker,
         );
         return (
-            settle_dead(ctx, delivery, record, Some(&key)).await,
+            Box::pin(settle_dead(ctx, delivery, record, Some(&key))).await,
             Some(attempt),
         );
     }
@@ -417,8 +417,9 @@ async fn run_claimed(
     // The handler runs inside this task (no spawn per message); a panic while
     // polling it is caught here and counts as a failed attempt.
     let mut running = std::panic::AssertUnwindSafe(handler.handle(task)).catch_unwind();
-    let renewer = renew_claim(&ctx.store, &key, &ctx.worker, ctx.claim_ttl);
-    tokio::pin!(renewer);
+    // Boxed, like the rare outcome paths below: the task's future is moved
+    // when spawned, so its size is paid per delivery.
+    let mut renewer = Box::pin(renew_claim(&ctx.store, &key, &ctx.worker, ctx.claim_ttl));
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     let mut renewing = true;
@@ -496,27 +497,7 @@ async fn run_claimed(
             let mut next = env.clone();
             next.attempt = attempt + 1;
             tracing::warn!(attempt, error = %message, http_status = ?detail.http_status, exit_code = ?detail.exit_code, output_tail = %detail.output_tail, retry_in_ms = delay.as_millis() as u64, "Task failed; retry queued");
-            // The retry copy must be confirmed before the original is acked.
-            match ctx.broker.publish_delayed(&next, delay).await {
-                Ok(()) => {
-                    let _ = with_redis_retry("Releasing the claim", || {
-                        ctx.store
-                            .finish(&key, &ctx.worker, Outcome::Release, ctx.done_ttl)
-                    })
-                    .await;
-                    ack(delivery).await;
-                    Settled::Retry
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "Could not queue the retry copy; returning the message to the broker");
-                    let _ = ctx
-                        .store
-                        .finish(&key, &ctx.worker, Outcome::Release, ctx.done_ttl)
-                        .await;
-                    let _ = delivery.requeue().await;
-                    Settled::Returned
-                }
-            }
+            Box::pin(queue_retry(ctx, delivery, &next, delay, &key)).await
         }
         Err(err) => {
             let (reason, what) = match &err {
@@ -533,7 +514,37 @@ async fn run_claimed(
                 err.detail(),
                 &ctx.worker,
             );
-            settle_dead(ctx, delivery, record, Some(&key)).await
+            Box::pin(settle_dead(ctx, delivery, record, Some(&key))).await
+        }
+    }
+}
+
+/// Queues the retry copy (confirmed by the broker) before acking the original.
+async fn queue_retry(
+    ctx: &Ctx,
+    delivery: Delivery,
+    next: &Envelope,
+    delay: Duration,
+    key: &str,
+) -> Settled {
+    match ctx.broker.publish_delayed(next, delay).await {
+        Ok(()) => {
+            let _ = with_redis_retry("Releasing the claim", || {
+                ctx.store
+                    .finish(key, &ctx.worker, Outcome::Release, ctx.done_ttl)
+            })
+            .await;
+            ack(delivery).await;
+            Settled::Retry
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Could not queue the retry copy; returning the message to the broker");
+            let _ = ctx
+                .store
+                .finish(key, &ctx.worker, Outcome::Release, ctx.done_ttl)
+                .await;
+            let _ = delivery.requeue().await;
+            Settled::Returned
         }
     }
 }
