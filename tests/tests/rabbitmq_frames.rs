@@ -53,9 +53,16 @@ async fn round_trip(frame_max: u32, url: String) -> (Option<u32>, Vec<u8>, Vec<u
 #[tokio::test]
 async fn configured_frame_max_is_negotiated_and_large_messages_span_frames() {
     let (negotiated, sent, got) = round_trip(8192, cronpipe_tests::amqp_url()).await;
-    assert_eq!(negotiated, Some(8192), "the broker reports the proposed frame_max");
+    assert_eq!(
+        negotiated,
+        Some(8192),
+        "the broker reports the proposed frame_max"
+    );
     assert!(sent.len() > 100_000);
-    assert_eq!(got, sent, "a 100 KB message arrives whole across 8 KiB frames");
+    assert_eq!(
+        got, sent,
+        "a 100 KB message arrives whole across 8 KiB frames"
+    );
 }
 
 #[tokio::test]

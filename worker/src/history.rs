@@ -134,7 +134,7 @@ async fn writer(
                 "*",
                 &[(FIELD, e.packed())],
             )
-                .ignore();
+            .ignore();
         }
         if last_age_trim.elapsed() >= Duration::from_secs(60) {
             let oldest = Utc::now() - chrono::Duration::from_std(max_age).unwrap_or_default();
@@ -203,11 +203,7 @@ pub async fn recent(
             break;
         };
         for item in &page.ids {
-            let Some(entry) = item
-                .get::<String>(FIELD)
-                .as_deref()
-                .and_then(Entry::unpack)
-            else {
+            let Some(entry) = item.get::<String>(FIELD).as_deref().and_then(Entry::unpack) else {
                 continue;
             };
             if task.is_none_or(|t| t == entry.task) {

@@ -314,7 +314,10 @@ async fn process_envelope(
             &FailureDetail::default(),
             &ctx.worker,
         );
-        return (Box::pin(settle_dead(ctx, delivery, record, None)).await, None);
+        return (
+            Box::pin(settle_dead(ctx, delivery, record, None)).await,
+            None,
+        );
     };
     // The task permit comes before the claim: a delivery waiting for a permit
     // holds no claim, so it blocks nobody else and costs no attempt.
@@ -323,7 +326,10 @@ async fn process_envelope(
         Permit::Unlimited | Permit::Held(_) => {}
         Permit::Full => {
             tracing::debug!("Task at its concurrency limit; deferred");
-            return (Box::pin(defer(ctx, delivery, &env, LIMIT_DEFER)).await, None);
+            return (
+                Box::pin(defer(ctx, delivery, &env, LIMIT_DEFER)).await,
+                None,
+            );
         }
         Permit::Stopping => {
             let _ = delivery.requeue().await;

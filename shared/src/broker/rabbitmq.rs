@@ -308,7 +308,9 @@ impl Rabbit {
     /// Publishes a task to the work queue and waits for the confirm.
     pub async fn publish(&self, env: &Envelope) -> BrokerResult<()> {
         let q = self.queue().to_string();
-        let confirm = self.send(0, &q, &env.to_json(), Self::properties(env)).await?;
+        let confirm = self
+            .send(0, &q, &env.to_json(), Self::properties(env))
+            .await?;
         self.confirmed(&q, confirm).await
     }
 
