@@ -169,7 +169,15 @@ pub async fn run(
         stopping: shutdown.clone(),
     });
     let tag = format!("{}-{:08x}", opts.instance_id, rand::random::<u32>());
-    let mut consumer = broker.consume(cfg.worker.concurrency.max(1), &tag).await?;
+    // On Kafka a rebalance gives the revoked partitions' running tasks the
+    // same grace as a shutdown before their offsets are committed.
+    let mut consumer = broker
+        .consume_with(
+            cfg.worker.concurrency.max(1),
+            &tag,
+            cfg.worker.shutdown_grace.get(),
+        )
+        .await?;
     tracing::info!(worker = %opts.instance_id, concurrency, "Consuming");
     let history_stop = CancellationToken::new();
     let history = history::History::spawn(

@@ -30,12 +30,15 @@
 //! partition are settled (acked, or requeued), so a slow message never lets the
 //! committed offset pass it, however many later ones finish.
 //!
-//! Rebalance: on revocation the safe offsets are committed synchronously and
-//! the partitions' tracking dropped (a new epoch starts on assignment).
-//! Deliveries of revoked partitions still queued are not handed out; those in
-//! flight still run and ack, but their acks commit nothing, and the new owner
-//! reads them again from the committed offset, where the Redis idempotency
-//! claim keeps them from running twice.
+//! Rebalance: on revocation no more deliveries of the revoked partitions are
+//! handed out (those still queued are dropped: the new owner reads them), and
+//! the ones the worker holds get the grace period ([`Kafka::consume_with`];
+//! the worker passes `worker.shutdown_grace`) to finish; then the safe offsets
+//! are committed synchronously and the partitions' tracking dropped (a new
+//! epoch starts on assignment). A message still running after the grace
+//! period commits nothing when it ends; the new owner reads it again from the
+//! committed offset, where the Redis idempotency claim keeps it from running
+//! twice.
 //!
 //! Requeue: the same bytes (key, headers) are re-published to `T` and then the
 //! original is settled, so the message comes back at the end of its partition.
@@ -44,7 +47,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -447,12 +450,28 @@ impl Kafka {
 
     /// Joins the consumer group on `T` and `T.retry`. At most `prefetch`
     /// deliveries wait in the hand-off channel; `tag` names the client.
+    /// Revocations do not wait for in-flight messages (see [`Kafka::consume_with`]).
     pub async fn consume(&self, prefetch: u16, tag: &str) -> BrokerResult<KafkaConsumer> {
+        self.consume_with(prefetch, tag, Duration::ZERO).await
+    }
+
+    /// [`Kafka::consume`], where a revocation first stops handing out work of
+    /// the revoked partitions and waits up to `revoke_grace` for the messages
+    /// of theirs already handed out, then commits, so a rebalance moves
+    /// finished work rather than re-reading it.
+    pub async fn consume_with(
+        &self,
+        prefetch: u16,
+        tag: &str,
+        revoke_grace: Duration,
+    ) -> BrokerResult<KafkaConsumer> {
         let cfg = &self.inner.config;
         let shared = Arc::new(Shared {
             kafka: self.clone(),
             topics: self.inner.topics.clone(),
             tracker: Mutex::new(OffsetTracker::default()),
+            returned: Condvar::new(),
+            revoke_grace,
             reassigned: AtomicBool::new(false),
         });
         let mut cc = base_config(cfg, tag);
@@ -708,6 +727,11 @@ struct PartState {
     epoch: u64,
     /// Received and not yet settled.
     pending: BTreeSet<i64>,
+    /// Handed to the worker and neither settled nor dropped yet: the work a
+    /// revocation waits for.
+    handed: BTreeSet<i64>,
+    /// Being revoked: nothing more is handed out.
+    revoking: bool,
     /// One past the highest offset received.
     next: Option<i64>,
     /// Last offset handed to a commit.
@@ -730,6 +754,8 @@ impl OffsetTracker {
             PartState {
                 epoch,
                 pending: BTreeSet::new(),
+                handed: BTreeSet::new(),
+                revoking: false,
                 next: None,
                 committed: None,
             },
@@ -755,6 +781,44 @@ impl OffsetTracker {
         state.pending.insert(offset);
         state.next = Some(offset + 1);
         Some(state.epoch)
+    }
+
+    /// Hands a received message to the worker; false (do not run it) when
+    /// its partition was revoked or is being revoked.
+    pub fn hand_out(&mut self, lane: Lane, partition: i32, offset: i64, epoch: u64) -> bool {
+        match self.parts.get_mut(&(lane, partition)) {
+            Some(s) if s.epoch == epoch && !s.revoking => {
+                s.handed.insert(offset);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The worker is done with a handed-out message (settled, or dropped
+    /// unsettled).
+    pub fn hand_back(&mut self, lane: Lane, partition: i32, offset: i64, epoch: u64) {
+        if let Some(s) = self.parts.get_mut(&(lane, partition)) {
+            if s.epoch == epoch {
+                s.handed.remove(&offset);
+            }
+        }
+    }
+
+    /// Stops handing out messages of a partition about to be revoked.
+    pub fn start_revoking(&mut self, lane: Lane, partition: i32) {
+        if let Some(s) = self.parts.get_mut(&(lane, partition)) {
+            s.revoking = true;
+        }
+    }
+
+    /// Messages of revoking partitions still in the worker's hands.
+    pub fn in_flight_revoking(&self) -> usize {
+        self.parts
+            .values()
+            .filter(|s| s.revoking)
+            .map(|s| s.handed.len())
+            .sum()
     }
 
     /// Whether `epoch` is the partition's current epoch.
@@ -801,6 +865,10 @@ struct Shared {
     kafka: Kafka,
     topics: Topics,
     tracker: Mutex<OffsetTracker>,
+    /// Signalled when a handed-out message comes back (see `OffsetTracker::hand_back`).
+    returned: Condvar,
+    /// How long a revocation waits for in-flight messages of its partitions.
+    revoke_grace: Duration,
     reassigned: AtomicBool,
 }
 
@@ -809,6 +877,36 @@ impl Shared {
         self.tracker
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits up to the grace period for the worker to finish the messages
+    /// of revoking partitions. Runs on the consumer's poll (the rebalance
+    /// callback); on a multi-threaded runtime the wait moves this thread's
+    /// other tasks elsewhere, on a current-thread runtime it cannot wait (the
+    /// tasks it would wait for run on this very thread).
+    fn wait_for_revoking(&self) {
+        if self.revoke_grace.is_zero() {
+            return;
+        }
+        let wait = || {
+            let guard = self.tracker();
+            let (guard, timeout) = self
+                .returned
+                .wait_timeout_while(guard, self.revoke_grace, |t| t.in_flight_revoking() > 0)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if timeout.timed_out() {
+                tracing::warn!(
+                    in_flight = guard.in_flight_revoking(),
+                    grace_ms = self.revoke_grace.as_millis() as u64,
+                    "Revoked partitions still had tasks running after the grace period; their new owner reads them again (the Redis claim keeps them from running twice)"
+                );
+            }
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            Ok(_) => {}
+            Err(_) => wait(),
+        }
     }
 
     fn commit_list(&self, commits: &[(Lane, i32, i64)]) -> TopicPartitionList {
@@ -843,6 +941,18 @@ impl ConsumerContext for ConsumerCtx {
         let shared = &self.shared;
         match rebalance {
             Rebalance::Revoke(tpl) => {
+                // Stop handing out work of these partitions, and give what is
+                // running the grace period to finish, so its offsets are
+                // committed before the partitions move.
+                {
+                    let mut tracker = shared.tracker();
+                    for e in tpl.elements() {
+                        if let Some(lane) = shared.topics.lane(e.topic()) {
+                            tracker.start_revoking(lane, e.partition());
+                        }
+                    }
+                }
+                shared.wait_for_revoking();
                 let mut commits = Vec::new();
                 {
                     let mut tracker = shared.tracker();
@@ -1145,7 +1255,7 @@ impl KafkaConsumer {
     pub async fn next(&mut self) -> Option<KafkaDelivery> {
         while !self.cancelled {
             let d = self.rx.recv().await?;
-            if d.is_current() {
+            if d.hand_out() {
                 return Some(d);
             }
             // Its partition was revoked after it was fetched: the new owner reads it again.
@@ -1211,6 +1321,12 @@ impl KafkaDelivery {
             .ok()?
             .parse()
             .ok()
+    }
+
+    fn hand_out(&self) -> bool {
+        self.shared
+            .tracker()
+            .hand_out(self.lane, self.partition, self.offset, self.epoch)
     }
 
     fn is_current(&self) -> bool {
@@ -1304,9 +1420,54 @@ impl KafkaDelivery {
     }
 }
 
+impl Drop for KafkaDelivery {
+    fn drop(&mut self) {
+        // Settled or not, the worker is done with it: a revocation waiting
+        // for this partition may go on.
+        self.shared
+            .tracker()
+            .hand_back(self.lane, self.partition, self.offset, self.epoch);
+        self.shared.returned.notify_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_revoking_partition_hands_out_nothing_and_counts_what_is_still_out() {
+        let mut t = OffsetTracker::default();
+        let e = t.assign(Lane::Work, 0);
+        let other = t.assign(Lane::Work, 1);
+        for o in 0..3 {
+            t.received(Lane::Work, 0, o);
+        }
+        t.received(Lane::Work, 1, 0);
+        assert!(t.hand_out(Lane::Work, 0, 0, e));
+        assert!(t.hand_out(Lane::Work, 0, 1, e));
+        assert!(t.hand_out(Lane::Work, 1, 0, other));
+        assert_eq!(t.in_flight_revoking(), 0, "nothing is being revoked yet");
+        t.start_revoking(Lane::Work, 0);
+        assert!(
+            !t.hand_out(Lane::Work, 0, 2, e),
+            "offset 2 stays for the new owner"
+        );
+        assert_eq!(
+            t.in_flight_revoking(),
+            2,
+            "partition 1's message is not waited for"
+        );
+        assert!(t.settle(Lane::Work, 0, 0, e));
+        t.hand_back(Lane::Work, 0, 0, e);
+        t.hand_back(Lane::Work, 0, 1, e); // dropped unsettled
+        assert_eq!(t.in_flight_revoking(), 0);
+        assert_eq!(
+            t.revoke(Lane::Work, 0),
+            Some(1),
+            "commit stops before the unsettled offset 1"
+        );
+    }
 
     #[test]
     fn commits_never_pass_an_unsettled_offset() {

@@ -108,9 +108,24 @@ impl Broker {
 
     /// Starts consuming the work queue with at most `prefetch` unacked deliveries.
     pub async fn consume(&self, prefetch: u16, tag: &str) -> BrokerResult<Consumer> {
+        self.consume_with(prefetch, tag, Duration::ZERO).await
+    }
+
+    /// [`Broker::consume`] with a grace period for rebalances: on Kafka a
+    /// revocation waits up to `revoke_grace` for the in-flight messages of the
+    /// revoked partitions before committing (see [`kafka::Kafka::consume_with`]);
+    /// RabbitMQ has no revocations.
+    pub async fn consume_with(
+        &self,
+        prefetch: u16,
+        tag: &str,
+        revoke_grace: Duration,
+    ) -> BrokerResult<Consumer> {
         match self {
             Broker::Rabbit(r) => Ok(Consumer::Rabbit(r.consume(prefetch, tag).await?)),
-            Broker::Kafka(k) => Ok(Consumer::Kafka(k.consume(prefetch, tag).await?)),
+            Broker::Kafka(k) => Ok(Consumer::Kafka(
+                k.consume_with(prefetch, tag, revoke_grace).await?,
+            )),
         }
     }
 
