@@ -210,7 +210,9 @@ pub async fn run(
         let reports = opts.reports.clone();
         let history = history.clone();
         let worker = opts.instance_id.clone();
-        tracker.spawn(async move {
+        // Boxed: the task's future is several kilobytes, and spawning moves it
+        // more than once; a box is moved as a pointer.
+        tracker.spawn(Box::pin(async move {
             let started = std::time::Instant::now();
             let report = process::process(&ctx, delivery, abort).await;
             drop(permit);
@@ -226,7 +228,7 @@ pub async fn run(
             if let Some(tx) = reports {
                 let _ = tx.send(report);
             }
-        });
+        }));
     }
     consumer.cancel().await;
     tracker.close();
