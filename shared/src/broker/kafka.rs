@@ -1288,9 +1288,8 @@ pub struct KafkaDelivery {
     partition: i32,
     offset: i64,
     epoch: u64,
-    payload: Vec<u8>,
-    key: Option<Vec<u8>>,
-    headers: Option<OwnedHeaders>,
+    /// The message as received (detached once; body, key and headers are read from it).
+    msg: OwnedMessage,
     shared: Arc<Shared>,
 }
 
@@ -1301,16 +1300,14 @@ impl KafkaDelivery {
             partition: m.partition(),
             offset: m.offset(),
             epoch,
-            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            key: m.key().map(<[u8]>::to_vec),
-            headers: m.headers().map(|h| h.as_borrowed().detach()),
+            msg: m,
             shared,
         }
     }
 
     fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .as_ref()?
+        self.msg
+            .headers()?
             .iter()
             .find(|h| h.key == name)
             .and_then(|h| h.value)
@@ -1337,7 +1334,7 @@ impl KafkaDelivery {
 
     /// The message body.
     pub fn body(&self) -> &[u8] {
-        &self.payload
+        self.msg.payload().unwrap_or_default()
     }
 
     /// Which topic it came from.
@@ -1390,7 +1387,7 @@ impl KafkaDelivery {
             return Ok(());
         }
         let mut headers = OwnedHeaders::new();
-        if let Some(h) = &self.headers {
+        if let Some(h) = self.msg.headers() {
             for h in h.iter() {
                 if h.key != HEADER_NOT_BEFORE && h.key != HEADER_REQUEUED {
                     headers = headers.insert(Header {
@@ -1408,8 +1405,8 @@ impl KafkaDelivery {
         kafka
             .send(
                 &kafka.inner.topics.work,
-                self.key.as_deref(),
-                &self.payload,
+                self.msg.key(),
+                self.msg.payload().unwrap_or_default(),
                 headers,
             )
             .await?;
