@@ -474,7 +474,7 @@ impl Kafka {
             revoke_grace,
             reassigned: AtomicBool::new(false),
         });
-        let mut cc = base_config(cfg, tag);
+        let mut cc = consumer_config(cfg, tag);
         cc.set("group.id", &cfg.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false");
@@ -545,7 +545,7 @@ impl Kafka {
 
     /// A plain (non-group-member) consumer of the given group, for tools.
     fn tool_consumer(&self, group: &str) -> BrokerResult<BaseConsumer> {
-        let mut cc = base_config(
+        let mut cc = consumer_config(
             &self.inner.config,
             &format!("{}-tool", self.inner.client_name),
         );
@@ -702,12 +702,21 @@ fn take_all_blocking(consumer: &BaseConsumer, topic: &str) -> BrokerResult<Vec<V
 fn base_config(config: &KafkaConfig, client_name: &str) -> ClientConfig {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &config.brokers)
-        .set("client.id", client_name)
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false");
+        .set("client.id", client_name);
     for (k, v) in config.properties.iter() {
         cc.set(k, v);
     }
+    cc
+}
+
+/// [`base_config`] plus the consumer-only settings (set on a producer,
+/// librdkafka would warn that it ignores them).
+fn consumer_config(config: &KafkaConfig, client_name: &str) -> ClientConfig {
+    let mut cc = base_config(config, client_name);
+    if !config.properties.0.contains_key("auto.offset.reset") {
+        cc.set("auto.offset.reset", "earliest");
+    }
+    cc.set("enable.partition.eof", "false");
     cc
 }
 
