@@ -545,12 +545,7 @@ async fn queue_retry(
         }
         Err(e) => {
             tracing::error!(error = %e, "Could not queue the retry copy; returning the message to the broker");
-            let _ = ctx
-                .store
-                .finish(key, &ctx.worker, Outcome::Release, ctx.done_ttl)
-                .await;
-            let _ = delivery.requeue().await;
-            Settled::Returned
+            give_back(ctx, delivery, Some(key)).await
         }
     }
 }
@@ -622,14 +617,20 @@ async fn settle_dead(
         }
         Err(e) => {
             tracing::error!(error = %e, "Could not publish the dead letter; returning the message to the broker");
-            if let Some(key) = key {
-                let _ = ctx
-                    .store
-                    .finish(key, &ctx.worker, Outcome::Release, ctx.done_ttl)
-                    .await;
-            }
-            let _ = delivery.requeue().await;
-            Settled::Returned
+            give_back(ctx, delivery, key).await
         }
     }
+}
+
+/// The outcome could not be made durable: releases the claim (if any) so the
+/// next delivery can take it at once, and hands the message back to the broker.
+async fn give_back(ctx: &Ctx, delivery: Delivery, key: Option<&str>) -> Settled {
+    if let Some(key) = key {
+        let _ = ctx
+            .store
+            .finish(key, &ctx.worker, Outcome::Release, ctx.done_ttl)
+            .await;
+    }
+    let _ = delivery.requeue().await;
+    Settled::Returned
 }
