@@ -32,10 +32,29 @@ impl Clock for SystemClock {
     }
 
     fn sleep_until(&self, t: DateTime<Utc>) -> BoxFuture<'static, ()> {
-        let wait = (t - Utc::now()).to_std().unwrap_or_default().min(MAX_SLEEP);
-        Box::pin(tokio::time::sleep(wait))
+        let left = (t - Utc::now()).to_std().unwrap_or_default();
+        if left > MAX_SLEEP {
+            return Box::pin(tokio::time::sleep(MAX_SLEEP));
+        }
+        Box::pin(async move {
+            // tokio's timer counts whole milliseconds and rounds up, so a
+            // plain sleep wakes 1-2 ms late: sleep to just before `t`, then
+            // yield until it (bounded on the monotonic clock, in case the
+            // wall clock steps back meanwhile).
+            if left > PRECISE {
+                tokio::time::sleep(left - PRECISE).await;
+            }
+            let give_up = std::time::Instant::now() + 2 * PRECISE;
+            while Utc::now() < t && std::time::Instant::now() < give_up {
+                tokio::task::yield_now().await;
+            }
+        })
     }
 }
+
+/// The last stretch of a [`SystemClock`] sleep, spent yielding rather than
+/// on the timer, so slots fire on their instant instead of a timer tick later.
+const PRECISE: Duration = Duration::from_millis(2);
 
 /// A clock moved by hand (tests, simulations).
 #[derive(Debug, Clone)]
