@@ -53,7 +53,7 @@ pub struct Ctx {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
     /// The task ran and succeeded.
-    Success,
+    Success = 0,
     /// The task failed and a retry copy is queued.
     Retry,
     /// Dead-lettered.
@@ -67,6 +67,16 @@ pub enum Settled {
 }
 
 impl Settled {
+    /// Every outcome, in discriminant order.
+    pub const ALL: [Settled; 6] = [
+        Settled::Success,
+        Settled::Retry,
+        Settled::DeadLetter,
+        Settled::Duplicate,
+        Settled::Deferred,
+        Settled::Returned,
+    ];
+
     /// Label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -78,6 +88,50 @@ impl Settled {
             Settled::Returned => "returned",
         }
     }
+}
+
+/// A task's metric handles, registered once per task name rather than on
+/// every delivery (registering builds the labels and looks the series up).
+struct TaskMetrics {
+    consume_lag: metrics::Histogram,
+    attempt: metrics::Histogram,
+    duration: metrics::Histogram,
+    /// By [`Settled`] discriminant.
+    outcomes: [metrics::Counter; 6],
+}
+
+/// Task names whose handles are kept; more (from a flood of unknown task
+/// names) are registered on each use, as they would be without the cache.
+const MAX_CACHED_TASKS: usize = 1024;
+
+fn task_metrics(task: &str) -> Arc<TaskMetrics> {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<HashMap<String, Arc<TaskMetrics>>>> =
+        std::sync::OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(m) = cache.get(task) {
+        return m.clone();
+    }
+    let label = task.to_string();
+    let m = Arc::new(TaskMetrics {
+        consume_lag: metrics::histogram!("cronpipe_worker_consume_lag_seconds", "task" => label.clone()),
+        attempt: metrics::histogram!("cronpipe_worker_task_attempt", "task" => label.clone()),
+        duration: metrics::histogram!("cronpipe_worker_task_duration_seconds", "task" => label.clone()),
+        outcomes: Settled::ALL.map(|s| {
+            metrics::counter!("cronpipe_worker_tasks_total", "task" => label.clone(), "outcome" => s.as_str())
+        }),
+    });
+    if cache.len() < MAX_CACHED_TASKS {
+        cache.insert(label, m.clone());
+    }
+    m
+}
+
+fn in_flight() -> &'static metrics::Gauge {
+    static GAUGE: std::sync::OnceLock<metrics::Gauge> = std::sync::OnceLock::new();
+    GAUGE.get_or_init(|| metrics::gauge!("cronpipe_worker_in_flight"))
 }
 
 fn dead_letter(
@@ -263,12 +317,7 @@ fn report(settled: Settled, named: Option<(String, String)>, attempt: Option<u32
         Some((id, task)) => (Some(id), Some(task)),
         None => (None, None),
     };
-    metrics::counter!(
-        "cronpipe_worker_tasks_total",
-        "task" => task.clone().unwrap_or_else(|| "(invalid)".into()),
-        "outcome" => settled.as_str()
-    )
-    .increment(1);
+    task_metrics(task.as_deref().unwrap_or("(invalid)")).outcomes[settled as usize].increment(1);
     Report {
         settled,
         id,
@@ -338,7 +387,7 @@ async fn process_envelope(
     };
     let (timeout, policy) = (ctx.tasks)(&env.task);
     let since = env.slot.unwrap_or(env.created_at);
-    metrics::histogram!("cronpipe_worker_consume_lag_seconds", "task" => env.task.clone()).record(
+    task_metrics(&env.task).consume_lag.record(
         (Utc::now() - since)
             .to_std()
             .unwrap_or_default()
@@ -415,11 +464,10 @@ async fn run_claimed(
         cancel: cancel.clone(),
     };
     let started = Instant::now();
-    metrics::gauge!("cronpipe_worker_in_flight").increment(1.0);
+    in_flight().increment(1.0);
     // One sample per attempt run: its count is attempts made, its
     // distribution shows how many tasks need retries (crashed attempts included).
-    metrics::histogram!("cronpipe_worker_task_attempt", "task" => env.task.clone())
-        .record(f64::from(attempt));
+    task_metrics(&env.task).attempt.record(f64::from(attempt));
     // The handler runs inside this task (no spawn per message); a panic while
     // polling it is caught here and counts as a failed attempt.
     let mut running = std::panic::AssertUnwindSafe(handler.handle(task)).catch_unwind();
@@ -453,7 +501,7 @@ async fn run_claimed(
         }
     };
     cancel.cancel();
-    metrics::gauge!("cronpipe_worker_in_flight").decrement(1.0);
+    in_flight().decrement(1.0);
     if result.is_err() && abort.is_cancelled() {
         // Shutdown grace is over and the attempt did not succeed (a handler
         // that stops when told to fails): not the task's fault, so no retry
@@ -471,7 +519,8 @@ async fn run_claimed(
         return Settled::Returned;
     }
     let elapsed = started.elapsed();
-    metrics::histogram!("cronpipe_worker_task_duration_seconds", "task" => env.task.clone())
+    task_metrics(&env.task)
+        .duration
         .record(elapsed.as_secs_f64());
 
     match result {
