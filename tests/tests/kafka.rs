@@ -253,7 +253,7 @@ async fn requeue_republishes_the_message_and_it_comes_back_flagged_redelivered()
     env.broker.publish(&e).await.expect("publish");
     let mut consumer = env
         .broker
-        .consume(4, "requeue-test")
+        .consume(4, "requeue-test", Duration::ZERO)
         .await
         .expect("consume");
     let first = tokio::time::timeout(REPORT_WAIT, consumer.next())

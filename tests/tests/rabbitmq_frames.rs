@@ -37,7 +37,10 @@ async fn round_trip(frame_max: u32, url: String) -> (Option<u32>, Vec<u8>, Vec<u
     // 100 KB of payload: many frames at 8 KiB.
     let env = Envelope::new("big", serde_json::json!("x".repeat(100_000)));
     broker.publish(&env).await.expect("publish");
-    let mut consumer = broker.consume(1, "frames").await.expect("consume");
+    let mut consumer = broker
+        .consume(1, "frames", Duration::ZERO)
+        .await
+        .expect("consume");
     let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
         .await
         .expect("delivery in time")

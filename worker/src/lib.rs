@@ -172,7 +172,7 @@ pub async fn run(
     // On Kafka a rebalance gives the revoked partitions' running tasks the
     // same grace as a shutdown before their offsets are committed.
     let mut consumer = broker
-        .consume_with(
+        .consume(
             cfg.worker.concurrency.max(1),
             &tag,
             cfg.worker.shutdown_grace.get(),

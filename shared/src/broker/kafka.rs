@@ -32,7 +32,7 @@
 //!
 //! Rebalance: on revocation no more deliveries of the revoked partitions are
 //! handed out (those still queued are dropped: the new owner reads them), and
-//! the ones the worker holds get the grace period ([`Kafka::consume_with`];
+//! the ones the worker holds get the grace period ([`Kafka::consume`];
 //! the worker passes `worker.shutdown_grace`) to finish; then the safe offsets
 //! are committed synchronously and the partitions' tracking dropped (a new
 //! epoch starts on assignment). A message still running after the grace
@@ -449,17 +449,12 @@ impl Kafka {
     }
 
     /// Joins the consumer group on `T` and `T.retry`. At most `prefetch`
-    /// deliveries wait in the hand-off channel; `tag` names the client.
-    /// Revocations do not wait for in-flight messages (see [`Kafka::consume_with`]).
-    pub async fn consume(&self, prefetch: u16, tag: &str) -> BrokerResult<KafkaConsumer> {
-        self.consume_with(prefetch, tag, Duration::ZERO).await
-    }
-
-    /// [`Kafka::consume`], where a revocation first stops handing out work of
-    /// the revoked partitions and waits up to `revoke_grace` for the messages
-    /// of theirs already handed out, then commits, so a rebalance moves
-    /// finished work rather than re-reading it.
-    pub async fn consume_with(
+    /// deliveries wait in the hand-off channel; `tag` names the client. On a
+    /// revocation no more work of the revoked partitions is handed out and
+    /// the messages of theirs already handed out get up to `revoke_grace` to
+    /// finish before the offsets are committed, so a rebalance moves finished
+    /// work rather than re-reading it (zero: commit at once).
+    pub async fn consume(
         &self,
         prefetch: u16,
         tag: &str,

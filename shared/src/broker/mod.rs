@@ -106,16 +106,12 @@ impl Broker {
         }
     }
 
-    /// Starts consuming the work queue with at most `prefetch` unacked deliveries.
-    pub async fn consume(&self, prefetch: u16, tag: &str) -> BrokerResult<Consumer> {
-        self.consume_with(prefetch, tag, Duration::ZERO).await
-    }
-
-    /// [`Broker::consume`] with a grace period for rebalances: on Kafka a
-    /// revocation waits up to `revoke_grace` for the in-flight messages of the
-    /// revoked partitions before committing (see [`kafka::Kafka::consume_with`]);
-    /// RabbitMQ has no revocations.
-    pub async fn consume_with(
+    /// Starts consuming the work queue with at most `prefetch` unacked
+    /// deliveries. `revoke_grace` is for Kafka rebalances: a revocation waits
+    /// up to that long for the in-flight messages of the revoked partitions
+    /// before committing (see [`kafka::Kafka::consume`]); RabbitMQ has no
+    /// revocations and ignores it.
+    pub async fn consume(
         &self,
         prefetch: u16,
         tag: &str,
@@ -124,7 +120,7 @@ impl Broker {
         match self {
             Broker::Rabbit(r) => Ok(Consumer::Rabbit(r.consume(prefetch, tag).await?)),
             Broker::Kafka(k) => Ok(Consumer::Kafka(
-                k.consume_with(prefetch, tag, revoke_grace).await?,
+                k.consume(prefetch, tag, revoke_grace).await?,
             )),
         }
     }

@@ -125,7 +125,9 @@ async fn adapter_path(env: &TestEnv, n: usize, conc: usize) -> anyhow::Result<Ra
     let config = env.config("");
     let broker = cronpipe_shared::Broker::connect(&config.broker, "bench-adapter").await?;
     let t1 = Instant::now();
-    let mut consumer = broker.consume(conc as u16, "bench-adapter").await?;
+    let mut consumer = broker
+        .consume(conc as u16, "bench-adapter", Duration::ZERO)
+        .await?;
     let slots = Arc::new(Semaphore::new(conc));
     let (tx, mut rx) = mpsc::unbounded_channel::<anyhow::Result<()>>();
     let store = env.store.clone();

@@ -225,7 +225,9 @@ async fn lag_run_in(env: &TestEnv, producer: &Path, n: usize, secs: i64) -> anyh
     bcfg.rabbitmq.url = amqp_url();
     bcfg.rabbitmq.queue = env.queue.clone();
     let consumer_broker = Broker::connect(&bcfg, "bench-consumer").await?;
-    let mut consumer = consumer_broker.consume(2000, "bench").await?;
+    let mut consumer = consumer_broker
+        .consume(2000, "bench", Duration::ZERO)
+        .await?;
     let seen: Arc<Mutex<Deliveries>> = Arc::default();
     let stop_consumer = CancellationToken::new();
     let consuming = {

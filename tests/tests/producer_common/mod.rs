@@ -90,7 +90,10 @@ impl Recorder {
         let broker = Broker::connect(&cfg, "recorder")
             .await
             .expect("recorder connects");
-        let mut consumer = broker.consume(256, "recorder").await.expect("consume");
+        let mut consumer = broker
+            .consume(256, "recorder", Duration::ZERO)
+            .await
+            .expect("consume");
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
         let stop = CancellationToken::new();
         let task = {
