@@ -5,14 +5,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cronpipe_shared::broker::kafka::Kafka;
 use cronpipe_shared::Broker;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{BaseProducer, FutureProducer, FutureRecord, Producer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::{ClientConfig, Message};
+use rdkafka::ClientConfig;
 
 use crate::{redis_url, TestEnv};
 
@@ -193,12 +191,31 @@ impl TestEnv {
 
     /// Takes every message of `topic` past `group`'s committed offsets and
     /// this world's earlier drains (see [`TestEnv::drain`]).
+    ///
+    /// Why not [`Broker::drain`]: it must commit through a non-member
+    /// consumer, and the mock cluster refuses that (`UNKNOWN_MEMBER_ID`) for
+    /// any group that ever had a member, where Kafka accepts it once the group
+    /// is empty. Here the commit is best effort, and the world's own marks
+    /// keep later drains from returning a message twice either way.
     pub async fn kafka_take(&self, topic: &str, group: &str) -> Vec<Vec<u8>> {
-        let (brokers, group, topic) = (self.brokers(), group.to_string(), topic.to_string());
-        let taken = self.taken.clone();
-        tokio::task::spawn_blocking(move || take_blocking(&brokers, &group, &topic, &taken))
+        let floors: HashMap<i32, i64> = self
+            .taken
+            .lock()
+            .expect("taken")
+            .iter()
+            .filter(|((t, _), _)| t == topic)
+            .map(|((_, p), o)| (*p, *o))
+            .collect();
+        let taken = self
+            .kafka()
+            .take_from(topic, group, floors, false)
             .await
-            .expect("drain task")
+            .unwrap_or_else(|e| panic!("draining `{topic}`: {e}"));
+        let mut marks = self.taken.lock().expect("taken");
+        for (p, o) in taken.ends {
+            marks.insert((topic.to_string(), p), o);
+        }
+        taken.messages
     }
 
     /// The worker group's committed offsets on `topic`, by partition.
@@ -227,106 +244,6 @@ impl TestEnv {
 
 /// How far a world's drains took each partition: (topic, partition) → next offset.
 pub type Taken = Arc<Mutex<HashMap<(String, i32), i64>>>;
-
-/// How long one drain may take to read to the end of a topic.
-const TAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Reads every message of `topic` from `group`'s committed offset (or
-/// `taken`'s mark, if later; the start where neither) to the current end,
-/// then moves `taken` to the end and tries to commit it for `group`.
-///
-/// Why not [`Broker::drain`]: it commits through a non-member consumer, and
-/// the mock cluster refuses that (`UNKNOWN_MEMBER_ID`) for any group that
-/// ever had a member, where Kafka accepts it once the group is empty. The
-/// commit here is best effort; `taken` keeps later drains of the same world
-/// from returning a message twice either way.
-fn take_blocking(brokers: &str, group: &str, topic: &str, taken: &Taken) -> Vec<Vec<u8>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .expect("drain consumer");
-    let meta = consumer
-        .fetch_metadata(Some(topic), TAKE_TIMEOUT)
-        .expect("topic metadata");
-    let mut all = TopicPartitionList::new();
-    for t in meta.topics() {
-        for p in t.partitions() {
-            all.add_partition(topic, p.id());
-        }
-    }
-    let committed = consumer
-        .committed_offsets(all, TAKE_TIMEOUT)
-        .expect("committed offsets");
-    let mut assign = TopicPartitionList::new();
-    let mut ends = TopicPartitionList::new();
-    let mut remaining: HashMap<i32, i64> = HashMap::new();
-    {
-        let marks = taken.lock().expect("taken");
-        for e in committed.elements() {
-            let p = e.partition();
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p, TAKE_TIMEOUT)
-                .expect("watermarks");
-            let mut start = match e.offset() {
-                Offset::Offset(o) => o.max(low),
-                _ => low,
-            };
-            if let Some(m) = marks.get(&(topic.to_string(), p)) {
-                start = start.max(*m);
-            }
-            if start < high {
-                assign
-                    .add_partition_offset(topic, p, Offset::Offset(start))
-                    .expect("assign");
-                remaining.insert(p, high);
-            }
-            ends.add_partition_offset(topic, p, Offset::Offset(high.max(start)))
-                .expect("ends");
-        }
-    }
-    let mut out = Vec::new();
-    if !remaining.is_empty() {
-        consumer.assign(&assign).expect("assign");
-        let deadline = Instant::now() + TAKE_TIMEOUT;
-        while !remaining.is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "reading `{topic}` did not reach its end within {TAKE_TIMEOUT:?}"
-            );
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    let p = m.partition();
-                    if let Some(high) = remaining.get(&p).copied() {
-                        if m.offset() < high {
-                            out.push(m.payload().unwrap_or_default().to_vec());
-                        }
-                        if m.offset() + 1 >= high {
-                            remaining.remove(&p);
-                        }
-                    }
-                }
-                Some(Err(e)) => panic!("reading `{topic}`: {e}"),
-                None => {}
-            }
-        }
-    }
-    {
-        let mut marks = taken.lock().expect("taken");
-        for e in ends.elements() {
-            if let Offset::Offset(o) = e.offset() {
-                marks.insert((topic.to_string(), e.partition()), o);
-            }
-        }
-    }
-    if ends.count() > 0 {
-        let _ = consumer.commit(&ends, CommitMode::Sync);
-    }
-    out
-}
 
 /// Base config text of a Kafka test world: Redis namespace, kind = kafka,
 /// topic and group, quick group timings. On the mock the topics exist before

@@ -589,9 +589,28 @@ impl Kafka {
     /// `group`: the messages are taken, as a queue read would. Run it only
     /// while no member of `group` is consuming `topic`. For tests and tools.
     pub async fn take_all(&self, topic: &str, group: &str) -> BrokerResult<Vec<Vec<u8>>> {
+        Ok(self
+            .take_from(topic, group, HashMap::new(), true)
+            .await?
+            .messages)
+    }
+
+    /// [`Kafka::take_all`], starting no earlier than `floors` (partition →
+    /// offset) where those are past the committed offsets. With `must_commit`
+    /// false a refused commit is not an error (librdkafka's mock cluster
+    /// refuses commits from non-members of a group that ever had members,
+    /// where Kafka accepts them once the group is empty); the caller keeps the
+    /// returned ends as its next floors.
+    pub async fn take_from(
+        &self,
+        topic: &str,
+        group: &str,
+        floors: HashMap<i32, i64>,
+        must_commit: bool,
+    ) -> BrokerResult<Taken> {
         let consumer = self.tool_consumer(group)?;
         let topic = topic.to_string();
-        tokio::task::spawn_blocking(move || take_all_blocking(&consumer, &topic))
+        tokio::task::spawn_blocking(move || take_blocking(&consumer, &topic, &floors, must_commit))
             .await
             .map_err(|e| BrokerError::Unavailable(format!("tool task failed: {e}")))?
     }
@@ -610,7 +629,21 @@ impl Kafka {
     }
 }
 
-fn take_all_blocking(consumer: &BaseConsumer, topic: &str) -> BrokerResult<Vec<Vec<u8>>> {
+/// What [`Kafka::take_from`] read.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// Message bodies, in partition order.
+    pub messages: Vec<Vec<u8>>,
+    /// Where reading stopped: partition → next offset.
+    pub ends: HashMap<i32, i64>,
+}
+
+fn take_blocking(
+    consumer: &BaseConsumer,
+    topic: &str,
+    floors: &HashMap<i32, i64>,
+    must_commit: bool,
+) -> BrokerResult<Taken> {
     let meta = consumer
         .fetch_metadata(Some(topic), SETUP_TIMEOUT)
         .map_err(|e| classify("reading metadata", &e))?;
@@ -631,10 +664,13 @@ fn take_all_blocking(consumer: &BaseConsumer, topic: &str) -> BrokerResult<Vec<V
         let (low, high) = consumer
             .fetch_watermarks(topic, p, SETUP_TIMEOUT)
             .map_err(|e| classify("reading watermarks", &e))?;
-        let start = match e.offset() {
+        let mut start = match e.offset() {
             Offset::Offset(o) => o.max(low),
             _ => low,
         };
+        if let Some(floor) = floors.get(&p) {
+            start = start.max(*floor);
+        }
         if start < high {
             assign
                 .add_partition_offset(topic, p, Offset::Offset(start))
@@ -680,6 +716,7 @@ fn take_all_blocking(consumer: &BaseConsumer, topic: &str) -> BrokerResult<Vec<V
         loop {
             match consumer.commit(&ends, CommitMode::Sync) {
                 Ok(()) => break,
+                Err(_) if !must_commit => break,
                 Err(e) if tries < 10 => {
                     tracing::debug!(error = %e, "Commit of a drained topic refused; retrying");
                     tries += 1;
@@ -689,7 +726,18 @@ fn take_all_blocking(consumer: &BaseConsumer, topic: &str) -> BrokerResult<Vec<V
             }
         }
     }
-    Ok(out)
+    let ends = ends
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect();
+    Ok(Taken {
+        messages: out,
+        ends,
+    })
 }
 
 /// Settings every client shares: bootstrap servers, client id, then the
