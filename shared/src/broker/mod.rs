@@ -4,11 +4,13 @@
 //! consumed [`Delivery`] carries its own `ack` and `requeue`. Retry copies and
 //! dead letters are confirmed publishes made before the original is acked.
 //!
-//! - [`rabbitmq`]: queues, per-delay TTL queues, publisher confirms.
+//! - [`rabbitmq`]: queues, per-delay TTL queues, publisher confirms;
+//!   `rabbit_acks` coalesces a consumer's acks into `multiple` acks.
 //! - [`kafka`]: topics `T`, `T.retry`, `T.dlq`, idempotent producer, manual
 //!   per-partition offset commits.
 
 pub mod kafka;
+mod rabbit_acks;
 pub mod rabbitmq;
 
 use std::time::Duration;

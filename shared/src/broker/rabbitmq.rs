@@ -24,6 +24,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
+use super::rabbit_acks::AckCoalescer;
 use super::{BrokerError, BrokerResult};
 use crate::config::{QueueType, RabbitConfig};
 use crate::deadletter::DeadLetter;
@@ -391,6 +392,7 @@ impl Rabbit {
             consumer,
             tag: tag.to_string(),
             cancelled: false,
+            acks: AckCoalescer::start(),
         })
     }
 
@@ -503,6 +505,13 @@ pub struct RabbitConsumer {
     consumer: lapin::Consumer,
     tag: String,
     cancelled: bool,
+    acks: Arc<AckCoalescer>,
+}
+
+impl Drop for RabbitConsumer {
+    fn drop(&mut self) {
+        self.acks.close();
+    }
 }
 
 impl RabbitConsumer {
@@ -510,7 +519,13 @@ impl RabbitConsumer {
     pub async fn next(&mut self) -> Option<RabbitDelivery> {
         loop {
             match self.consumer.next().await {
-                Some(Ok(d)) => return Some(RabbitDelivery { inner: d }),
+                Some(Ok(d)) => {
+                    self.acks.track(d.delivery_tag, &d.acker);
+                    return Some(RabbitDelivery {
+                        inner: d,
+                        acks: self.acks.clone(),
+                    });
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "Consumer channel failed; waiting for recovery");
                     if let Err(e) = self.channel.wait_for_recovery(e).await {
@@ -539,6 +554,7 @@ impl RabbitConsumer {
 /// One RabbitMQ delivery.
 pub struct RabbitDelivery {
     inner: lapin::message::Delivery,
+    acks: Arc<AckCoalescer>,
 }
 
 impl RabbitDelivery {
@@ -552,8 +568,16 @@ impl RabbitDelivery {
         self.inner.redelivered
     }
 
-    /// Acks.
+    /// Acks (coalesced with other finished deliveries of the channel; returns
+    /// once the ack frame covering this delivery was sent).
     pub async fn ack(self) -> BrokerResult<()> {
+        if let Some(sent) = self.acks.finish(self.inner.delivery_tag) {
+            return sent.await.unwrap_or_else(|_| {
+                Err(BrokerError::Unavailable(
+                    "ack not sent: the consumer is gone; the broker will redeliver".into(),
+                ))
+            });
+        }
         match self.inner.acker.ack(BasicAckOptions::default()).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(BrokerError::Unavailable(
@@ -565,15 +589,19 @@ impl RabbitDelivery {
 
     /// Nacks with requeue.
     pub async fn requeue(self) -> BrokerResult<()> {
-        self.inner
+        let sent = self
+            .inner
             .acker
             .nack(BasicNackOptions {
                 multiple: false,
                 requeue: true,
             })
-            .await
-            .map(|_| ())
-            .map_err(|e| unavailable("requeueing", e))
+            .await;
+        // Only once the nack frame is written may a `multiple` ack pass this tag.
+        if matches!(sent, Ok(true)) {
+            self.acks.forget(self.inner.delivery_tag);
+        }
+        sent.map(|_| ()).map_err(|e| unavailable("requeueing", e))
     }
 }
 
