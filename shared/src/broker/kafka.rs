@@ -848,12 +848,15 @@ impl OffsetTracker {
     }
 
     /// The worker is done with a handed-out message (settled, or dropped
-    /// unsettled).
-    pub fn hand_back(&mut self, lane: Lane, partition: i32, offset: i64, epoch: u64) {
-        if let Some(s) = self.parts.get_mut(&(lane, partition)) {
-            if s.epoch == epoch {
+    /// unsettled). True when its partition is being revoked, so a revocation
+    /// may be waiting for it.
+    pub fn hand_back(&mut self, lane: Lane, partition: i32, offset: i64, epoch: u64) -> bool {
+        match self.parts.get_mut(&(lane, partition)) {
+            Some(s) if s.epoch == epoch => {
                 s.handed.remove(&offset);
+                s.revoking
             }
+            _ => false,
         }
     }
 
@@ -1473,10 +1476,14 @@ impl Drop for KafkaDelivery {
     fn drop(&mut self) {
         // Settled or not, the worker is done with it: a revocation waiting
         // for this partition may go on.
-        self.shared
-            .tracker()
-            .hand_back(self.lane, self.partition, self.offset, self.epoch);
-        self.shared.returned.notify_all();
+        let revoking =
+            self.shared
+                .tracker()
+                .hand_back(self.lane, self.partition, self.offset, self.epoch);
+        // Waking is a system call; only a revocation waits on it.
+        if revoking {
+            self.shared.returned.notify_all();
+        }
     }
 }
 
@@ -1508,8 +1515,16 @@ mod tests {
             "partition 1's message is not waited for"
         );
         assert!(t.settle(Lane::Work, 0, 0, e));
-        t.hand_back(Lane::Work, 0, 0, e);
-        t.hand_back(Lane::Work, 0, 1, e); // dropped unsettled
+        assert!(
+            !t.hand_back(Lane::Work, 1, 0, other),
+            "no revocation waits for partition 1"
+        );
+        assert_eq!(t.in_flight_revoking(), 2);
+        assert!(
+            t.hand_back(Lane::Work, 0, 0, e),
+            "a revocation may wait for partition 0"
+        );
+        assert!(t.hand_back(Lane::Work, 0, 1, e)); // dropped unsettled
         assert_eq!(t.in_flight_revoking(), 0);
         assert_eq!(
             t.revoke(Lane::Work, 0),

@@ -24,7 +24,17 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
+    // The benchmark runs as a task on the runtime's workers, not on the main
+    // thread: a task on the main thread is woken across threads (a futex
+    // wake) for every message a path reports, which would measure the
+    // harness rather than the paths.
+    tokio::spawn(bench())
+        .await
+        .context("joining the benchmark")?
+}
+
+async fn bench() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1).collect::<Vec<_>>().into_iter();
     let n: usize = args
         .next()
         .map(|a| a.parse())
