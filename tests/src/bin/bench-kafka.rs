@@ -82,10 +82,13 @@ async fn bench() -> anyhow::Result<()> {
             Cluster::External(b) => b.clone(),
         }
     );
-    // BENCH_ONLY=cronpipe (or raw) runs that path alone, for profiling.
+    // BENCH_ONLY=cronpipe, adapter, raw-store or raw runs that path alone,
+    // for profiling.
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         let r = match only.as_str() {
             "cronpipe" => cronpipe_path(&env, n, conc).await,
+            "adapter" => adapter_path(&env, n, conc).await,
+            "raw-store" => raw_path(&env, n, conc, partitions as i32, RawWork::ClaimFinish).await,
             _ => raw_path(&env, n, conc, partitions as i32, RawWork::SetNx).await,
         };
         env.cleanup().await;
