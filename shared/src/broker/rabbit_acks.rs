@@ -62,8 +62,9 @@ pub(crate) struct AckCoalescer {
 
 /// One flusher round: the low run of finished deliveries, and the others.
 struct Round {
-    /// The acker of the run's highest tag, and how many deliveries the run holds.
-    run: Option<(Acker, usize)>,
+    /// The acker of the run's highest tag.
+    run: Option<Acker>,
+    /// One per delivery of the run.
     run_waiters: Vec<Waiter>,
     singles: Vec<(Acker, Waiter)>,
 }
@@ -183,8 +184,7 @@ impl AckCoalescer {
             }
             let slot = entry.remove();
             round.run_waiters.extend(slot.done);
-            let n = round.run.take().map_or(0, |(_, n)| n);
-            round.run = Some((slot.acker, n + 1));
+            round.run = Some(slot.acker);
         }
         let finished: Vec<u64> = s
             .unsettled
@@ -217,8 +217,9 @@ async fn flusher(c: Arc<AckCoalescer>) {
                 break;
             }
             let run = async {
-                if let Some((acker, n)) = &round.run {
-                    let result = send_ack(acker, *n > 1).await;
+                if let Some(acker) = &round.run {
+                    let n = round.run_waiters.len();
+                    let result = send_ack(acker, n > 1).await;
                     if let Err(e) = &result {
                         tracing::warn!(error = %e, acks = n, "Ack failed; the broker will redeliver");
                     }
