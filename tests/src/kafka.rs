@@ -226,6 +226,20 @@ impl TestEnv {
             .expect("committed offsets")
     }
 
+    /// Waits up to `limit` for the committed offsets of `topic` to be
+    /// `expected`; fails the test with `what` and the offsets last seen if
+    /// they are not by then.
+    pub async fn expect_committed(
+        &self,
+        topic: &str,
+        expected: &[(i32, Option<i64>)],
+        limit: Duration,
+        what: &str,
+    ) {
+        crate::wait_until(limit, || async { self.committed(topic).await == expected }).await;
+        assert_eq!(self.committed(topic).await, expected, "{what}");
+    }
+
     /// Produces raw bytes to the work topic with a plain producer (no envelope checks).
     pub async fn produce_raw(&self, key: &str, body: &[u8]) {
         let producer: FutureProducer = ClientConfig::new()

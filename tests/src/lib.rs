@@ -7,9 +7,10 @@
 
 pub mod kafka;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cronpipe_producer::clock::{Clock, SystemClock};
@@ -18,7 +19,7 @@ pub use cronpipe_shared::config::BrokerKind;
 use cronpipe_shared::config::{BrokerConfig, BuiltSchedule};
 use cronpipe_shared::deadletter::DeadLetter;
 use cronpipe_shared::{Broker, Config, Destination, Envelope, Store};
-use cronpipe_worker::{Registry, Report};
+use cronpipe_worker::{Registry, Report, Settled, Task, TaskError};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -585,6 +586,16 @@ impl RunningWorker {
         all
     }
 
+    /// How many of the reports received so far ended each way, by
+    /// [`cronpipe_worker::Settled::as_str`] (takes them).
+    pub fn outcomes(&mut self) -> HashMap<&'static str, usize> {
+        let mut settled = HashMap::new();
+        while let Ok(r) = self.reports.try_recv() {
+            *settled.entry(r.settled.as_str()).or_default() += 1;
+        }
+        settled
+    }
+
     /// Stops the worker and waits (up to a minute) for `run` to return.
     pub async fn shutdown(self) {
         self.stop.cancel();
@@ -593,6 +604,54 @@ impl RunningWorker {
             .expect("worker stops in time")
             .expect("join")
             .expect("worker run");
+    }
+}
+
+/// Counts the runs of each envelope, for tests that every task ran exactly once.
+#[derive(Clone, Default)]
+pub struct RunCounter(Arc<Mutex<HashMap<String, u32>>>);
+
+impl RunCounter {
+    /// `registry` with a handler for `task` that counts a run, works for
+    /// `work`, and succeeds.
+    pub fn register(&self, registry: Registry, task: &str, work: Duration) -> Registry {
+        let runs = self.clone();
+        registry.register(task.to_string(), move |t: Task| {
+            *runs.lock().entry(t.envelope.id.clone()).or_default() += 1;
+            async move {
+                tokio::time::sleep(work).await;
+                Ok::<(), TaskError>(())
+            }
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many distinct envelopes have run.
+    pub fn distinct(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Asserts that `n` envelopes ran, none more than once, and that the
+    /// worker's reports (`outcomes`, see [`RunningWorker::outcomes`]) count
+    /// `n` successes.
+    pub fn assert_each_ran_once(&self, n: usize, outcomes: &HashMap<&'static str, usize>) {
+        let runs = self.lock();
+        assert_eq!(runs.len(), n, "none lost");
+        let twice: Vec<(&String, &u32)> = runs.iter().filter(|(_, r)| **r != 1).collect();
+        assert!(twice.is_empty(), "ran more than once: {twice:?}");
+        assert_eq!(
+            outcomes
+                .get(Settled::Success.as_str())
+                .copied()
+                .unwrap_or(0),
+            n,
+            "{outcomes:?}"
+        );
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use cronpipe_shared::Envelope;
 use cronpipe_tests::wait_until;
-use cronpipe_tests::TestEnv;
+use cronpipe_tests::{RunCounter, TestEnv};
 use cronpipe_worker::{Registry, Report, Settled, Task, TaskError};
 use tokio::sync::watch;
 
@@ -178,14 +178,13 @@ async fn a_slow_message_holds_the_committed_offset_until_it_finishes() {
     let _ = release_tx.send(true);
     w.until(REPORT_WAIT, |r| count(r, Settled::Success) == 1)
         .await;
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            env.committed(env.topic()).await == vec![(0, Some(11))]
-        })
-        .await,
-        "commit moves past the slow message once it is done: {:?}",
-        env.committed(env.topic()).await
-    );
+    env.expect_committed(
+        env.topic(),
+        &[(0, Some(11))],
+        Duration::from_secs(5),
+        "commit moves past the slow message once it is done",
+    )
+    .await;
     w.shutdown().await;
     env.cleanup().await;
 }
@@ -219,14 +218,13 @@ async fn a_retry_copy_not_yet_due_blocks_neither_work_nor_commits() {
         !runs.lock().expect("runs").iter().any(|r| r.0 == later.id),
         "the retry copy ran before it was due"
     );
-    assert!(
-        wait_until(Duration::from_secs(2), || async {
-            env.committed(env.topic()).await == vec![(0, Some(5))]
-        })
-        .await,
-        "work commits advance while the retry copy waits: {:?}",
-        env.committed(env.topic()).await
-    );
+    env.expect_committed(
+        env.topic(),
+        &[(0, Some(5))],
+        Duration::from_secs(2),
+        "work commits advance while the retry copy waits",
+    )
+    .await;
     let retry_topic = format!("{}.retry", env.topic());
     let c = env.committed(&retry_topic).await;
     assert!(c[0].1.unwrap_or(0) == 0, "{c:?}");
@@ -270,14 +268,13 @@ async fn requeue_republishes_the_message_and_it_comes_back_flagged_redelivered()
     assert!(again.redelivered());
     assert_eq!(Envelope::decode(again.body()).expect("envelope").id, e.id);
     again.ack().await.expect("ack");
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            env.committed(env.topic()).await == vec![(0, Some(2))]
-        })
-        .await,
-        "both the original and the copy are committed: {:?}",
-        env.committed(env.topic()).await
-    );
+    env.expect_committed(
+        env.topic(),
+        &[(0, Some(2))],
+        Duration::from_secs(5),
+        "both the original and the copy are committed",
+    )
+    .await;
     consumer.cancel().await;
     env.cleanup().await;
 }
@@ -292,18 +289,8 @@ async fn a_broker_outage_during_a_run_loses_no_task_and_runs_none_twice() {
     let env = TestEnv::kafka_mock("outage-worker", 4).await;
     let config = env
         .config("[worker]\nconcurrency = 32\nclaim_ttl = \"2s\"\n[task.n]\nhandler = \"rust\"\n");
-    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let r = runs.clone();
-    let registry = Registry::new().register("n", move |t: Task| {
-        *r.lock()
-            .expect("runs")
-            .entry(t.envelope.id.clone())
-            .or_default() += 1;
-        async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            Ok::<(), TaskError>(())
-        }
-    });
+    let runs = RunCounter::default();
+    let registry = runs.register(Registry::new(), "n", Duration::from_millis(20));
     let envs: Vec<Envelope> = (0..N)
         .map(|i| Envelope::new("n", serde_json::json!(i)))
         .collect();
@@ -313,7 +300,7 @@ async fn a_broker_outage_during_a_run_loses_no_task_and_runs_none_twice() {
         }
     }
     let mut w = env.spawn_worker(&config, "w-outage", registry).await;
-    let ran = || runs.lock().expect("runs").len();
+    let ran = || runs.distinct();
     assert!(
         wait_until(Duration::from_secs(60), || async { ran() >= N / 4 }).await,
         "only {} of {N} ran before the outage",
@@ -346,20 +333,9 @@ async fn a_broker_outage_during_a_run_loses_no_task_and_runs_none_twice() {
         env.committed(env.topic()).await
     );
     assert!(!w.handle.is_finished(), "the worker survived the outage");
-    let mut settled: HashMap<&'static str, usize> = HashMap::new();
-    while let Ok(r) = w.reports.try_recv() {
-        *settled.entry(r.settled.as_str()).or_default() += 1;
-    }
+    let settled = w.outcomes();
     w.shutdown().await;
-    let runs = runs.lock().expect("runs").clone();
-    assert_eq!(runs.len(), N, "none lost");
-    let twice: Vec<(&String, &u32)> = runs.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(twice.is_empty(), "ran more than once: {twice:?}");
-    assert_eq!(
-        settled.get(Settled::Success.as_str()).copied().unwrap_or(0),
-        N,
-        "{settled:?}"
-    );
+    runs.assert_each_ran_once(N, &settled);
     assert!(
         env.drain_dead_letters().await.is_empty(),
         "nothing dead-lettered"

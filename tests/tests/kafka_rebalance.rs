@@ -50,30 +50,35 @@ async fn a_rebalance_lets_running_tasks_finish_and_commits_them_before_the_parti
             .filter(|(r, _)| r == id)
             .count()
     };
+    // Publishes a `task` envelope and waits for it to start running.
+    let (world, ran_ref) = (&env, &ran);
+    let publish_and_start = |task: &'static str, limit: u64, what: &'static str| async move {
+        let e = Envelope::new(task, serde_json::Value::Null);
+        world.broker.publish(&e).await.expect("publish");
+        assert!(
+            wait_until(Duration::from_secs(limit), || async { ran_ref(&e.id) == 1 }).await,
+            "{what}"
+        );
+        e
+    };
     let mut a = env.spawn_worker(&config, "wa", registry()).await;
-    let slow = Envelope::new("slow", serde_json::Value::Null);
-    env.broker.publish(&slow).await.expect("publish");
-    assert!(
-        wait_until(Duration::from_secs(20), || async { ran(&slow.id) == 1 }).await,
-        "the first member starts the slow task"
-    );
+    let slow = publish_and_start("slow", 20, "the first member starts the slow task").await;
     // A second member joins while the slow task runs: the partition is
     // revoked from the first one mid-task.
     let mut b = env.spawn_worker(&config, "wb", registry()).await;
-    let marker = Envelope::new("fast", serde_json::Value::Null);
-    env.broker.publish(&marker).await.expect("publish");
-    assert!(
-        wait_until(Duration::from_secs(30), || async { ran(&marker.id) == 1 }).await,
-        "the group settles and the partition's new owner runs the next message"
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            env.committed(env.topic()).await == vec![(0, Some(2))]
-        })
-        .await,
-        "both messages committed: {:?}",
-        env.committed(env.topic()).await
-    );
+    let marker = publish_and_start(
+        "fast",
+        30,
+        "the group settles and the partition's new owner runs the next message",
+    )
+    .await;
+    env.expect_committed(
+        env.topic(),
+        &[(0, Some(2))],
+        Duration::from_secs(20),
+        "both messages committed",
+    )
+    .await;
     let stragglers = Duration::from_millis(500);
     let mut reports = Vec::new();
     for w in [&mut a, &mut b] {

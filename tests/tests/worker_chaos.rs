@@ -8,13 +8,11 @@
 
 mod worker_support;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cronpipe_shared::{Broker, Envelope};
-use cronpipe_tests::{wait_until, TestEnv};
-use cronpipe_worker::{Registry, Settled, Task, TaskError};
+use cronpipe_tests::{wait_until, RunCounter, TestEnv};
+use cronpipe_worker::{Registry, Settled};
 use serde_json::json;
 use worker_support::start;
 
@@ -94,17 +92,10 @@ async fn closing_all_broker_connections_during_10000_tasks_loses_none_and_runs_n
     let publisher = Broker::connect(&config.broker, "chaos-publisher")
         .await
         .expect("broker in the test vhost");
-    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let r = runs.clone();
-    let registry = Registry::new().register("n", move |t: Task| {
-        *r.lock().unwrap().entry(t.envelope.id.clone()).or_default() += 1;
-        // Slow enough (32 × 20 ms at a time) that the cuts land mid-run with
-        // deliveries in flight.
-        async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            Ok::<(), TaskError>(())
-        }
-    });
+    let runs = RunCounter::default();
+    // Slow enough (32 × 20 ms at a time) that the cuts land mid-run with
+    // deliveries in flight.
+    let registry = runs.register(Registry::new(), "n", Duration::from_millis(20));
     let envs: Vec<Envelope> = (0..N).map(|i| Envelope::new("n", json!(i))).collect();
     for chunk in envs.chunks(1000) {
         for r in publisher.publish_batch(chunk).await {
@@ -112,7 +103,7 @@ async fn closing_all_broker_connections_during_10000_tasks_loses_none_and_runs_n
         }
     }
     let mut w = start(&env, &config, "w-chaos", registry).await;
-    let ran = || runs.lock().unwrap().len();
+    let ran = || runs.distinct();
     // Cut every connection twice while the run is under way.
     let mut cuts = Vec::new();
     for at in [N / 5, N / 2] {
@@ -152,10 +143,7 @@ async fn closing_all_broker_connections_during_10000_tasks_loses_none_and_runs_n
         "messages still queued: {}",
         vhost.queued()
     );
-    let mut settled: HashMap<&'static str, usize> = HashMap::new();
-    while let Ok(r) = w.reports.try_recv() {
-        *settled.entry(r.settled.as_str()).or_default() += 1;
-    }
+    let settled = w.outcomes();
     assert!(!w.handle.is_finished(), "the worker survived the cuts");
     // Evidence the cuts hit deliveries in flight: their acks were lost, the
     // broker redelivered them, and the idempotency record skipped them.
@@ -172,15 +160,7 @@ async fn closing_all_broker_connections_during_10000_tasks_loses_none_and_runs_n
         "no redelivery seen; did the cuts happen? {settled:?}"
     );
     w.shutdown().await;
-    let runs = runs.lock().unwrap().clone();
-    assert_eq!(runs.len(), N, "none lost");
-    let twice: Vec<(&String, &u32)> = runs.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(twice.is_empty(), "ran more than once: {twice:?}");
-    assert_eq!(
-        settled.get(Settled::Success.as_str()).copied().unwrap_or(0),
-        N,
-        "{settled:?}"
-    );
+    runs.assert_each_ran_once(N, &settled);
     eprintln!(
         "cuts at (before, after) {cuts:?} runs; all {N} ran once; {:?} after the last cut; outcomes {settled:?}",
         t0.elapsed()
