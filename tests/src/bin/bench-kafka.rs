@@ -89,7 +89,10 @@ async fn bench() -> anyhow::Result<()> {
             "cronpipe" => cronpipe_path(&env, n, conc).await,
             "adapter" => adapter_path(&env, n, conc).await,
             "raw-store" => raw_path(&env, n, conc, partitions as i32, RawWork::ClaimFinish).await,
-            _ => raw_path(&env, n, conc, partitions as i32, RawWork::SetNx).await,
+            "raw" => raw_path(&env, n, conc, partitions as i32, RawWork::SetNx).await,
+            other => Err(anyhow::anyhow!(
+                "BENCH_ONLY = `{other}`: expected `cronpipe`, `adapter`, `raw-store` or `raw`"
+            )),
         };
         env.cleanup().await;
         r?;

@@ -61,6 +61,9 @@ async fn bench() -> anyhow::Result<()> {
     // so drift in the machine's load does not favour either path.
     // BENCH_ONLY=worker or BENCH_ONLY=raw runs one path (for profiling).
     let only = std::env::var("BENCH_ONLY").ok();
+    if let Some(o) = only.as_deref().filter(|o| !matches!(*o, "worker" | "raw")) {
+        bail!("BENCH_ONLY = `{o}`: expected `worker` or `raw`");
+    }
     let (mut worker_secs, mut raw_secs) = (0.0, 0.0);
     for round in 0..rounds {
         let order = if round % 2 == 0 {
