@@ -35,6 +35,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use tokio::sync::{mpsc, Semaphore};
 
+/// The same allocator as the `worker` and `producer` binaries (mimalloc), for
+/// every path this benchmark compares.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Messages published (and consumed) before the produce timing starts, so
 /// producer start-up (InitProducerId, leader lookup) is not measured.
 const WARMUP: usize = 500;

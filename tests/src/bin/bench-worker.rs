@@ -22,6 +22,11 @@ use lapin::{Connection, ConnectionProperties};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// The same allocator as the `worker` and `producer` binaries (mimalloc), for
+/// every path this benchmark compares.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // The benchmark runs as a task on the runtime's workers, not on the main
