@@ -14,6 +14,9 @@
 //!   isolates what the Kafka adapter and the worker loop cost.
 //!
 //! Each path first publishes 500 untimed warm-up messages (consumed along).
+//! Consuming is timed from the first finished message to the last: the
+//! consumer's start-up before it (joining the group, getting partitions) is
+//! printed apart, since it varies by hundreds of milliseconds between runs.
 //! It prints produce, consume and end-to-end rates of each and the ratios.
 //!
 //! ```text
@@ -48,6 +51,49 @@ struct Rates {
     produce: f64,
     consume: f64,
     end_to_end: f64,
+}
+
+impl Rates {
+    /// Rates of `n` timed publishes in `produced` and a drain of the `n` and
+    /// the warm-up messages, less the first, in `consumed` (see [`Drain`]).
+    /// End-to-end is messages over the time to publish and consume them.
+    fn of(n: usize, produced: Duration, consumed: Duration) -> Rates {
+        let drained = (n + WARMUP - 1) as f64;
+        let publish_each = produced.as_secs_f64() / n as f64;
+        Rates {
+            produce: n as f64 / produced.as_secs_f64(),
+            consume: drained / consumed.as_secs_f64(),
+            end_to_end: drained / (publish_each * drained + consumed.as_secs_f64()),
+        }
+    }
+}
+
+/// Times a drain from its first finished message to its last. Consumer
+/// start-up (joining the group, getting partitions assigned) comes before the
+/// first and varies by hundreds of milliseconds from run to run in every
+/// path, so it is reported apart rather than counted in the rates.
+struct Drain {
+    started: Instant,
+    first: Option<Instant>,
+}
+
+impl Drain {
+    fn start() -> Drain {
+        Drain {
+            started: Instant::now(),
+            first: None,
+        }
+    }
+
+    fn one_done(&mut self) {
+        self.first.get_or_insert_with(Instant::now);
+    }
+
+    /// Start-up (to the first finished message) and the drain after it.
+    fn finish(&self) -> (Duration, Duration) {
+        let first = self.first.unwrap_or(self.started);
+        (first - self.started, first.elapsed())
+    }
 }
 
 #[tokio::main]
@@ -155,7 +201,7 @@ async fn adapter_path(env: &TestEnv, n: usize, conc: usize) -> anyhow::Result<Ra
     let produced = t0.elapsed();
     let config = env.config("");
     let broker = cronpipe_shared::Broker::connect(&config.broker, "bench-adapter").await?;
-    let t1 = Instant::now();
+    let mut drain = Drain::start();
     let mut consumer = broker
         .consume(conc as u16, "bench-adapter", Duration::ZERO)
         .await?;
@@ -191,20 +237,22 @@ async fn adapter_path(env: &TestEnv, n: usize, conc: usize) -> anyhow::Result<Ra
     let mut ok = 0usize;
     while ok < n + WARMUP {
         match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-            Ok(Some(Ok(()))) => ok += 1,
+            Ok(Some(Ok(()))) => {
+                drain.one_done();
+                ok += 1
+            }
             Ok(Some(Err(e))) => bail!("adapter consumer failed: {e:#}"),
             Ok(None) | Err(_) => bail!("adapter consumer stalled after {ok} of {n}"),
         }
     }
-    let consumed = t1.elapsed();
+    let (startup, consumed) = drain.finish();
     reader.abort();
     broker.close().await;
-    Ok(Rates {
-        produce: n as f64 / produced.as_secs_f64(),
-        consume: (n + WARMUP) as f64 / consumed.as_secs_f64(),
-        end_to_end: (n + WARMUP) as f64
-            / (produced.mul_f64((n + WARMUP) as f64 / n as f64) + consumed).as_secs_f64(),
-    })
+    println!(
+        "  adapter: first message after {startup:.2?}, then drained {} more in {consumed:.2?}",
+        n + WARMUP - 1
+    );
+    Ok(Rates::of(n, produced, consumed))
 }
 
 async fn cronpipe_path(env: &TestEnv, n: usize, conc: usize) -> anyhow::Result<Rates> {
@@ -226,28 +274,26 @@ async fn cronpipe_path(env: &TestEnv, n: usize, conc: usize) -> anyhow::Result<R
         "[worker]\nconcurrency = {conc}\n[task.noop]\nhandler = \"rust\"\n"
     ));
     let registry = Registry::new().register("noop", |_t: Task| async { Ok::<(), TaskError>(()) });
-    let t1 = Instant::now();
+    let mut drain = Drain::start();
     let mut w = env.spawn_worker(&config, "bench", registry).await;
     let mut ok = 0usize;
     while ok < n + WARMUP {
         match w.next_report(Duration::from_secs(60)).await {
-            Some(r) if r.settled == Settled::Success => ok += 1,
+            Some(r) if r.settled == Settled::Success => {
+                drain.one_done();
+                ok += 1
+            }
             Some(r) => bail!("unexpected outcome {r:?}"),
             None => bail!("worker stalled after {ok} of {n}"),
         }
     }
-    let consumed = t1.elapsed();
+    let (startup, consumed) = drain.finish();
     w.shutdown().await;
     println!(
-        "  cronpipe: worker drained {} in {consumed:.2?}",
-        n + WARMUP
+        "  cronpipe: worker's first task done after {startup:.2?}, then drained {} more in {consumed:.2?}",
+        n + WARMUP - 1
     );
-    Ok(Rates {
-        produce: n as f64 / produced.as_secs_f64(),
-        consume: (n + WARMUP) as f64 / consumed.as_secs_f64(),
-        end_to_end: (n + WARMUP) as f64
-            / (produced.mul_f64((n + WARMUP) as f64 / n as f64) + consumed).as_secs_f64(),
-    })
+    Ok(Rates::of(n, produced, consumed))
 }
 
 /// What the raw consumer does per message before storing its offset.
@@ -319,7 +365,7 @@ async fn raw_path(
     let store = env.store.clone();
     let prefix = Arc::new(env.store.keys().prefix().to_string());
     let (tx, mut rx) = mpsc::unbounded_channel::<anyhow::Result<()>>();
-    let t1 = Instant::now();
+    let mut drain = Drain::start();
     let c = consumer.clone();
     let reader = tokio::spawn(async move {
         let mut stream = c.stream();
@@ -389,22 +435,20 @@ async fn raw_path(
     let mut ok = 0usize;
     while ok < n + WARMUP {
         match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-            Ok(Some(Ok(()))) => ok += 1,
+            Ok(Some(Ok(()))) => {
+                drain.one_done();
+                ok += 1
+            }
             Ok(Some(Err(e))) => bail!("raw consumer failed: {e:#}"),
             Ok(None) | Err(_) => bail!("raw consumer stalled after {ok} of {n}"),
         }
     }
-    let consumed = t1.elapsed();
+    let (startup, consumed) = drain.finish();
     reader.abort();
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
     println!(
-        "  raw ({work:?}): consumer drained {} in {consumed:.2?}",
-        n + WARMUP
+        "  raw ({work:?}): first message after {startup:.2?}, then drained {} more in {consumed:.2?}",
+        n + WARMUP - 1
     );
-    Ok(Rates {
-        produce: n as f64 / produced.as_secs_f64(),
-        consume: (n + WARMUP) as f64 / consumed.as_secs_f64(),
-        end_to_end: (n + WARMUP) as f64
-            / (produced.mul_f64((n + WARMUP) as f64 / n as f64) + consumed).as_secs_f64(),
-    })
+    Ok(Rates::of(n, produced, consumed))
 }
