@@ -16,12 +16,6 @@ use tokio_util::sync::CancellationToken;
 
 mod commands;
 
-/// mimalloc instead of the system allocator, as in the worker: the producer and
-/// worker allocate and free small buffers per message from several threads,
-/// where glibc's malloc spent about a quarter of the worker's CPU (`bench-kafka`).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "producer",

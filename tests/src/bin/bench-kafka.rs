@@ -38,8 +38,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use tokio::sync::{mpsc, Semaphore};
 
-/// The same allocator as the `worker` and `producer` binaries (mimalloc), for
-/// every path this benchmark compares.
+/// The same allocator as the `worker` binary (mimalloc), for every path this
+/// benchmark compares.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

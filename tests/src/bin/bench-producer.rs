@@ -32,11 +32,6 @@ use cronpipe_shared::{Broker, Envelope};
 use cronpipe_tests::{amqp_url, TestEnv};
 use tokio_util::sync::CancellationToken;
 
-/// The same allocator as the `worker` and `producer` binaries (mimalloc), for
-/// every path this benchmark compares.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let secs: i64 = std::env::args()

@@ -22,8 +22,8 @@ use lapin::{Connection, ConnectionProperties};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// The same allocator as the `worker` and `producer` binaries (mimalloc), for
-/// every path this benchmark compares.
+/// The same allocator as the `worker` binary (mimalloc), for every path this
+/// benchmark compares.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
