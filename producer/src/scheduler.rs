@@ -249,8 +249,18 @@ pub async fn lead(ctx: &mut Ctx<'_>, lease: &Lease) -> Exit {
             drop(marks);
             cronpipe_shared::memory::release_free();
             if !removed.is_empty() {
-                if let Err(e) = ctx.store.remove_watermarks(&removed).await {
-                    tracing::warn!(error = %e, "Could not forget watermarks of removed schedules");
+                match ctx.store.remove_watermarks(&lease.value, &removed).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(
+                            token = lease.token,
+                            "Watermark removal refused: the lease is no longer ours"
+                        );
+                        lease.lost.cancel();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Could not forget watermarks of removed schedules");
+                    }
                 }
             }
             tracing::info!(

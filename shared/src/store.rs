@@ -80,6 +80,7 @@ struct Scripts {
     lease_renew: Script,
     lease_release: Script,
     watermark_advance: Script,
+    watermark_remove: Script,
     idem_renew: Script,
     idem_finish: Script,
 }
@@ -91,6 +92,7 @@ impl Scripts {
             lease_renew: Script::new(include_str!("lua/lease_renew.lua")),
             lease_release: Script::new(include_str!("lua/lease_release.lua")),
             watermark_advance: Script::new(include_str!("lua/watermark_advance.lua")),
+            watermark_remove: Script::new(include_str!("lua/watermark_remove.lua")),
             idem_renew: Script::new(include_str!("lua/idem_renew.lua")),
             idem_finish: Script::new(include_str!("lua/idem_finish.lua")),
         }
@@ -242,14 +244,29 @@ impl Store {
         Ok(ok == 1)
     }
 
-    /// Forgets watermarks of schedules that no longer exist.
-    pub async fn remove_watermarks(&self, names: &[String]) -> StoreResult<()> {
+    /// Forgets the watermarks of schedules that no longer exist, only if
+    /// `lease_value` still holds the lease: a deposed leader that has not
+    /// noticed yet, working from an older config, must not erase a watermark
+    /// the current leader relies on. Returns false, removing nothing, when the
+    /// lease is not ours.
+    pub async fn remove_watermarks(
+        &self,
+        lease_value: &str,
+        names: &[String],
+    ) -> StoreResult<bool> {
         if names.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let mut c = self.conn.clone();
-        let _: i64 = c.hdel(self.keys.watermarks(), names).await?;
-        Ok(())
+        let mut inv = self.scripts.watermark_remove.prepare_invoke();
+        inv.key(self.keys.leader())
+            .key(self.keys.watermarks())
+            .arg(lease_value);
+        for name in names {
+            inv.arg(name);
+        }
+        let ok: i64 = inv.invoke_async(&mut c).await?;
+        Ok(ok == 1)
     }
 
     /// Claims a task key for one attempt.

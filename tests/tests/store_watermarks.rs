@@ -1,0 +1,73 @@
+//! Schedule watermarks against the real Redis: only the lease holder moves
+//! or removes them, so a deposed producer that has not noticed yet (working
+//! from an older config) cannot erase what the current leader relies on.
+
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use cronpipe_shared::store::Store;
+
+const TTL: Duration = Duration::from_secs(30);
+
+async fn store() -> Store {
+    let ns = format!("cptest-marks-{:08x}", rand::random::<u32>());
+    Store::connect(&cronpipe_tests::redis_url(), &ns, Duration::from_secs(5))
+        .await
+        .expect("redis")
+}
+
+/// Takes the free lease for `holder` and returns its full value.
+async fn take_lease(s: &Store, holder: &str) -> String {
+    let token = s
+        .lease_acquire(holder, TTL)
+        .await
+        .expect("redis")
+        .expect("the lease is free");
+    format!("{token}:{holder}")
+}
+
+#[tokio::test]
+async fn only_the_lease_holder_moves_or_removes_watermarks() {
+    let s = store().await;
+    let slot = Utc.timestamp_millis_opt(1_790_000_000_000).unwrap();
+    let old = take_lease(&s, "producer-a").await;
+    assert!(s
+        .advance_watermarks(&old, &[("nightly", slot), ("hourly", slot)])
+        .await
+        .unwrap());
+
+    // producer-a is deposed: its lease ends and producer-b takes over.
+    assert!(s.lease_release(&old).await.unwrap());
+    let new = take_lease(&s, "producer-b").await;
+
+    // producer-a, from an older config without `nightly`, tries to forget it.
+    assert!(!s
+        .remove_watermarks(&old, &["nightly".to_string()])
+        .await
+        .unwrap());
+    assert!(!s
+        .advance_watermarks(&old, &[("hourly", slot + chrono::Duration::hours(1))])
+        .await
+        .unwrap());
+    let marks = s.watermarks().await.unwrap();
+    assert_eq!(marks.get("nightly"), Some(&slot), "{marks:?}");
+    assert_eq!(marks.get("hourly"), Some(&slot), "{marks:?}");
+
+    // The holder can.
+    assert!(s
+        .remove_watermarks(&new, &["nightly".to_string()])
+        .await
+        .unwrap());
+    let marks = s.watermarks().await.unwrap();
+    assert_eq!(marks.get("nightly"), None, "{marks:?}");
+    assert_eq!(marks.get("hourly"), Some(&slot), "{marks:?}");
+
+    let keys = s.keys();
+    let _: i64 = redis::cmd("DEL")
+        .arg(keys.leader())
+        .arg(keys.fencing())
+        .arg(keys.watermarks())
+        .query_async(&mut s.connection())
+        .await
+        .unwrap();
+}
