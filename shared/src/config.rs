@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
+use crate::broker::rabbitmq::redact;
 use crate::duration::Dur;
 use crate::schedule::{self, Schedule};
 
@@ -518,6 +519,11 @@ fn task_key(name: &str, field: &str) -> String {
     key_path(&["task".into(), name.into(), field.into()])
 }
 
+/// Accepted AMQP frame sizes, as `broker.rabbitmq.frame_max` or in the URL.
+const FRAME_MAX: std::ops::RangeInclusive<u32> = 4096..=131_072;
+const FRAME_MAX_RULE: &str =
+    "expected 4096 to 131072 bytes (AMQP's minimum frame size to RabbitMQ's default maximum)";
+
 fn quoted(v: &str) -> Option<String> {
     Some(format!("{v:?}"))
 }
@@ -625,7 +631,7 @@ impl Config {
         if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
             push(
                 "redis.url".into(),
-                quoted(&self.redis.url),
+                quoted(&redact(&self.redis.url)),
                 "expected a URL starting with redis:// or rediss://".into(),
             );
         }
@@ -641,9 +647,26 @@ impl Config {
         if !rabbit.url.starts_with("amqp://") && !rabbit.url.starts_with("amqps://") {
             push(
                 "broker.rabbitmq.url".into(),
-                quoted(&rabbit.url),
+                quoted(&redact(&rabbit.url)),
                 "expected a URL starting with amqp:// or amqps://".into(),
             );
+        } else {
+            match rabbit.url.parse::<lapin::uri::AMQPUri>() {
+                Err(e) => push(
+                    "broker.rabbitmq.url".into(),
+                    quoted(&redact(&rabbit.url)),
+                    format!("expected a valid AMQP URL: {e}"),
+                ),
+                Ok(uri) => {
+                    if let Some(fm) = uri.query.frame_max.filter(|fm| !FRAME_MAX.contains(fm)) {
+                        push(
+                            "broker.rabbitmq.url".into(),
+                            quoted(&redact(&rabbit.url)),
+                            format!("its frame_max = {fm}: {FRAME_MAX_RULE}"),
+                        );
+                    }
+                }
+            }
         }
         if !valid_name(&rabbit.queue) {
             push(
@@ -652,11 +675,11 @@ impl Config {
                 NAME_RULE.into(),
             );
         }
-        if !(4096..=131_072).contains(&rabbit.frame_max) {
+        if !FRAME_MAX.contains(&rabbit.frame_max) {
             push(
                 "broker.rabbitmq.frame_max".into(),
                 Some(rabbit.frame_max.to_string()),
-                "expected 4096 to 131072 bytes (AMQP's minimum frame size to RabbitMQ's default maximum)".into(),
+                FRAME_MAX_RULE.into(),
             );
         }
         if self.producer.lease_ttl.get() < std::time::Duration::from_millis(300) {

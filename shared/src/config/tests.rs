@@ -975,6 +975,49 @@ fn rabbitmq_url_scheme_is_checked() {
 }
 
 #[test]
+fn rabbitmq_url_must_parse_and_its_frame_max_is_range_checked() {
+    let e = only_error(
+        "[broker.rabbitmq]\nurl = \"amqp://guest:hunter2@mq:notaport/%2f\"\n",
+        &[],
+    );
+    check(
+        &e,
+        "broker.rabbitmq.url",
+        "\"amqp://guest:***@mq:notaport/%2f\"",
+        &["expected a valid AMQP URL"],
+    );
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    for bad in ["100", "1048576"] {
+        let url = format!("amqp://guest:hunter2@mq:5672/%2f?frame_max={bad}");
+        let e = only_error(&format!("[broker.rabbitmq]\nurl = \"{url}\"\n"), &[]);
+        check(
+            &e,
+            "broker.rabbitmq.url",
+            &format!("frame_max = {bad}"),
+            &["4096 to 131072"],
+        );
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+    let ok = parse_ok(
+        "[broker.rabbitmq]\nurl = \"amqp://mq:5672/%2f?frame_max=131072\"\n",
+        &[],
+    );
+    assert!(ok.broker.rabbitmq.url.ends_with("frame_max=131072"));
+}
+
+#[test]
+fn url_errors_hide_passwords() {
+    let e = only_error("[redis]\nurl = \"http://:hunter2@cache:6379\"\n", &[]);
+    check(&e, "redis.url", "\"http://:***@cache:6379\"", &["redis://"]);
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let e = only_error(
+        "[broker.rabbitmq]\nurl = \"http://guest:hunter2@mq:5672\"\n",
+        &[],
+    );
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+}
+
+#[test]
 fn rabbitmq_queue_must_be_a_name() {
     let e = only_error("[broker.rabbitmq]\nqueue = \"\"\n", &[]);
     check(
