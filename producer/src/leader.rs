@@ -33,6 +33,16 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Redis refused a write because the lease is no longer ours: logs
+    /// what was refused and ends the leadership at once.
+    pub fn refused(&self, what: &str) {
+        tracing::warn!(
+            token = self.token,
+            "{what} refused: the lease is no longer ours"
+        );
+        self.lost.cancel();
+    }
+
     /// Whether this process may still act as leader right now.
     pub fn is_valid(&self) -> bool {
         if self.lost.is_cancelled() {

@@ -251,13 +251,7 @@ pub async fn lead(ctx: &mut Ctx<'_>, lease: &Lease) -> Exit {
             if !removed.is_empty() {
                 match ctx.store.remove_watermarks(&lease.value, &removed).await {
                     Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(
-                            token = lease.token,
-                            "Watermark removal refused: the lease is no longer ours"
-                        );
-                        lease.lost.cancel();
-                    }
+                    Ok(false) => lease.refused("Watermark removal"),
                     Err(e) => {
                         tracing::warn!(error = %e, "Could not forget watermarks of removed schedules");
                     }
@@ -322,13 +316,7 @@ async fn flush_watermarks(ctx: &Ctx<'_>, lease: &Lease, state: &mut State) {
         .collect();
     match ctx.store.advance_watermarks(&lease.value, &named).await {
         Ok(true) => state.dirty.clear(),
-        Ok(false) => {
-            tracing::warn!(
-                token = lease.token,
-                "Watermark write refused: the lease is no longer ours"
-            );
-            lease.lost.cancel();
-        }
+        Ok(false) => lease.refused("Watermark write"),
         Err(e) => {
             // Published but not recorded: a next leader would publish these slots
             // again, and their deterministic ids make workers run them once.
