@@ -153,7 +153,12 @@ async fn store_of(config: &Config) -> anyhow::Result<Store> {
         Duration::from_secs(5),
     )
     .await
-    .with_context(|| format!("connecting to Redis at {}", config.redis.url))
+    .with_context(|| {
+        format!(
+            "connecting to Redis at {}",
+            cronpipe_shared::redact(&config.redis.url)
+        )
+    })
 }
 
 fn report(result: Result<String, AdminError>) -> ExitCode {

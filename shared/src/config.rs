@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
-use crate::broker::rabbitmq::redact;
 use crate::duration::Dur;
+use crate::redact;
 use crate::schedule::{self, Schedule};
 
 mod kafka;

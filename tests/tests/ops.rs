@@ -1,14 +1,13 @@
 //! Operating cronpipe: metrics that match what happened, runtime schedules
 //! through the CLI, dead-letter replay, and the admin API's auth and validation.
-//! Everything runs on RabbitMQ and on Kafka (mock cluster) except the
-//! `worker dlq` tools, which are RabbitMQ-only.
+//! Everything runs on RabbitMQ and on Kafka (mock cluster).
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use cronpipe_tests::{binary, broker_test, wait_until, Proc, TestEnv};
+use cronpipe_tests::{binary, broker_test, wait_until, BrokerKind, Proc, TestEnv};
 use cronpipe_worker::{Registry, Settled};
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
@@ -384,9 +383,11 @@ async fn runtime_schedule_add_pause_resume_remove_through_the_cli(env: TestEnv) 
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dlq_replay_of_a_task_that_now_succeeds_runs_it_once() {
-    let env = TestEnv::new("replay").await;
+broker_test!(dlq_replay_runs_the_task_once_and_keeps_the_other_dead_letters);
+async fn dlq_replay_runs_the_task_once_and_keeps_the_other_dead_letters(kind: BrokerKind) {
+    // One partition on Kafka: the kept dead letter lies below the replayed
+    // one, so removing the replayed one has to move the kept one.
+    let env = TestEnv::ordered("replay", kind).await;
     let flag = env.dir.path().join("fixed");
     let extra = format!(
         r#"
@@ -418,15 +419,32 @@ permanent_exit_codes = [64]
         stop.clone(),
     ));
 
+    // A dead letter that stays (no worker handles `nosuch`), then the one to replay.
+    // Each is dead-lettered before the next is published, so they are in this order.
+    let other = cronpipe_shared::Envelope::new("nosuch", serde_json::json!({}));
     let env_msg = cronpipe_shared::Envelope::new("fragile", serde_json::json!({"n": 1}));
-    env.broker.publish(&env_msg).await.expect("publish");
-    let r = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-        .await
-        .expect("report")
-        .expect("open");
-    assert_eq!(r.settled, Settled::DeadLetter);
+    for e in [&other, &env_msg] {
+        env.broker.publish(e).await.expect("publish");
+        let r = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("report")
+            .expect("open");
+        assert_eq!(r.settled, Settled::DeadLetter, "{r:?}");
+        assert_eq!(r.id.as_deref(), Some(e.id.as_str()));
+    }
 
     let c = cfg.to_str().expect("path");
+    // Listing changes nothing: both are listed, twice over.
+    for _ in 0..2 {
+        let (code, out, err) = cli("worker", &["dlq", "list", "-c", c, "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let listed: Vec<serde_json::Value> = serde_json::from_str(&out).expect("json");
+        let ids: Vec<&str> = listed
+            .iter()
+            .filter_map(|d| d["envelope"]["id"].as_str())
+            .collect();
+        assert_eq!(ids, vec![other.id.as_str(), env_msg.id.as_str()], "{out}");
+    }
     let (code, out, err) = cli("worker", &["dlq", "list", "-c", c, "--task", "fragile"]);
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -457,9 +475,22 @@ permanent_exit_codes = [64]
         vec![env_msg.id.clone(), env_msg.id.clone()],
         "one failed run, then exactly one replayed run"
     );
+    let (code, out, err) = cli("worker", &["dlq", "list", "-c", c, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).expect("json");
+    assert_eq!(listed.len(), 1, "only the other dead letter is left: {out}");
+    assert_eq!(listed[0]["envelope"]["id"], other.id.as_str());
+    assert_eq!(listed[0]["reason"], "unknown_task");
+    let (code, out, err) = cli(
+        "worker",
+        &["dlq", "purge", "-c", c, "--reason", "unknown_task"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("purged 1"), "{out}");
+    let left = env.drain_dead_letters().await;
     assert!(
-        env.drain_dead_letters().await.is_empty(),
-        "the entry left the dead-letter queue"
+        left.is_empty(),
+        "replayed and purged entries are gone: {left:?}"
     );
     let (_, hist, _) = cli(
         "worker",

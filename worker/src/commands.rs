@@ -114,7 +114,12 @@ async fn connect(config: &Config) -> anyhow::Result<(Store, Broker)> {
         Duration::from_secs(5),
     )
     .await
-    .with_context(|| format!("connecting to Redis at {}", config.redis.url))?;
+    .with_context(|| {
+        format!(
+            "connecting to Redis at {}",
+            cronpipe_shared::redact(&config.redis.url)
+        )
+    })?;
     let broker = Broker::connect(&config.broker, "cronpipe-dlq")
         .await
         .context("connecting to the broker")?;
@@ -271,7 +276,12 @@ pub async fn history(config: Config, args: HistoryArgs) -> anyhow::Result<ExitCo
         Duration::from_secs(5),
     )
     .await
-    .with_context(|| format!("connecting to Redis at {}", config.redis.url))?;
+    .with_context(|| {
+        format!(
+            "connecting to Redis at {}",
+            cronpipe_shared::redact(&config.redis.url)
+        )
+    })?;
     let entries = history::recent(&store, args.task.as_deref(), args.last)
         .await
         .context("reading the execution history")?;

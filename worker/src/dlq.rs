@@ -1,12 +1,24 @@
-//! Dead-letter queue tools: list, show, replay and purge dead letters,
-//! filtered by task, reason, time or id. Messages are read by holding them
-//! unacked on a private channel; what is not replayed or purged goes back to
-//! the queue, in order, when the channel closes.
+//! Dead-letter tools: list, show, replay and purge dead letters, filtered by
+//! task, reason, time or id.
+//!
+//! - RabbitMQ: messages are read by holding them unacked on a private
+//!   channel; what is not replayed or purged goes back to the queue, in
+//!   order, when the channel closes.
+//! - Kafka: the dead-letter topic is read from the tools group's committed
+//!   offsets; replayed and purged ones are removed by committing past them,
+//!   and the ones kept that lay below a removed one are appended again at the
+//!   end of the topic first (Kafka cannot delete single messages).
+//!
+//! Either way a replay is confirmed by the broker before its dead letter is
+//! removed, and nothing is lost if the tool dies midway.
+
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use cronpipe_shared::broker::kafka::{Kafka, ToolMessage};
 use cronpipe_shared::broker::rabbitmq::Rabbit;
 use cronpipe_shared::deadletter::DeadLetter;
-use cronpipe_shared::{Broker, BrokerError, Store};
+use cronpipe_shared::{Broker, BrokerError, Envelope, Store};
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 
 /// Which dead letters an operation applies to.
@@ -86,16 +98,6 @@ pub struct Outcome {
     pub skipped: usize,
 }
 
-fn rabbit(broker: &Broker) -> Result<&Rabbit, BrokerError> {
-    match broker {
-        Broker::Rabbit(r) => Ok(r),
-        #[allow(unreachable_patterns)]
-        _ => Err(BrokerError::Setup(
-            "dead-letter tools support RabbitMQ only in this build".into(),
-        )),
-    }
-}
-
 /// Reads up to `limit` dead letters and applies `action` to those matching `filter`.
 /// Replays reset the task's idempotency state and attempt count first, so the task runs again.
 pub async fn run(
@@ -106,7 +108,66 @@ pub async fn run(
     limit: usize,
     history_max_len: usize,
 ) -> Result<Outcome, BrokerError> {
-    let rabbit = rabbit(broker)?;
+    let ctx = Ctx {
+        broker,
+        store,
+        history_max_len,
+    };
+    match broker {
+        Broker::Rabbit(r) => run_rabbit(&ctx, r, filter, action, limit).await,
+        Broker::Kafka(k) => run_kafka(&ctx, k, filter, action, limit).await,
+    }
+}
+
+struct Ctx<'a> {
+    broker: &'a Broker,
+    store: &'a Store,
+    history_max_len: usize,
+}
+
+/// The parsed record of a dead letter's body, and whether `filter` takes it.
+fn classify(filter: &Filter, body: &[u8]) -> (Option<DeadLetter>, bool) {
+    let record: Option<DeadLetter> = serde_json::from_slice(body).ok();
+    let matched = match &record {
+        Some(r) => filter.matches(r),
+        None => filter.is_empty(),
+    };
+    (record, matched)
+}
+
+/// Replays a dead letter's envelope: resets the task's idempotency state and
+/// attempt count, records the replay in the history, and republishes it
+/// (confirmed) as attempt 1 marked `replay`. The caller removes the dead
+/// letter afterwards.
+async fn replay(ctx: &Ctx<'_>, mut env: Envelope) -> Result<(), BrokerError> {
+    ctx.store.reset_key(env.key()).await.map_err(|e| {
+        BrokerError::Unavailable(format!("resetting the task's state in Redis: {e}"))
+    })?;
+    env.attempt = 1;
+    env.replay = true;
+    // Recorded before the republish, so the history reads in order.
+    let entry = crate::history::Entry {
+        at: Utc::now(),
+        id: env.id.clone(),
+        task: env.task.clone(),
+        outcome: "replayed".into(),
+        attempt: None,
+        duration_ms: 0,
+        worker: "worker dlq replay".into(),
+    };
+    if let Err(e) = crate::history::record_now(ctx.store, ctx.history_max_len, &entry).await {
+        tracing::warn!(error = %e, "Could not record the replay in the execution history");
+    }
+    ctx.broker.publish(&env).await
+}
+
+async fn run_rabbit(
+    ctx: &Ctx<'_>,
+    rabbit: &Rabbit,
+    filter: &Filter,
+    action: Action,
+    limit: usize,
+) -> Result<Outcome, BrokerError> {
     let queue = rabbit.dlq_name();
     let ch = rabbit.channel().await?;
     let mut out = Outcome::default();
@@ -118,11 +179,7 @@ pub async fn run(
         let Some(msg) = got else { break };
         out.scanned += 1;
         let body = msg.delivery.data.clone();
-        let record: Option<DeadLetter> = serde_json::from_slice(&body).ok();
-        let matched = match &record {
-            Some(r) => filter.matches(r),
-            None => filter.is_empty(),
-        };
+        let (record, matched) = classify(filter, &body);
         if !matched {
             continue;
         }
@@ -140,30 +197,9 @@ pub async fn run(
             }
             Action::Replay => match record.as_ref().and_then(|r| r.envelope.clone()) {
                 None => out.skipped += 1,
-                Some(mut env) => {
-                    store.reset_key(env.key()).await.map_err(|e| {
-                        BrokerError::Unavailable(format!(
-                            "resetting the task's state in Redis: {e}"
-                        ))
-                    })?;
-                    env.attempt = 1;
-                    env.replay = true;
-                    // Recorded before the republish, so the history reads in order.
-                    let entry = crate::history::Entry {
-                        at: Utc::now(),
-                        id: env.id.clone(),
-                        task: env.task.clone(),
-                        outcome: "replayed".into(),
-                        attempt: None,
-                        duration_ms: 0,
-                        worker: "worker dlq replay".into(),
-                    };
-                    if let Err(e) = crate::history::record_now(store, history_max_len, &entry).await
-                    {
-                        tracing::warn!(error = %e, "Could not record the replay in the execution history");
-                    }
+                Some(env) => {
                     // Confirmed republish first, then remove the dead letter.
-                    broker.publish(&env).await?;
+                    replay(ctx, env).await?;
                     msg.delivery
                         .acker
                         .ack(BasicAckOptions::default())
@@ -182,4 +218,71 @@ pub async fn run(
     // Everything still unacked goes back to the queue.
     let _ = ch.close(200, "done".into()).await;
     Ok(out)
+}
+
+async fn run_kafka(
+    ctx: &Ctx<'_>,
+    kafka: &Kafka,
+    filter: &Filter,
+    action: Action,
+    limit: usize,
+) -> Result<Outcome, BrokerError> {
+    let read = kafka.dlq_read(limit).await?;
+    let mut out = Outcome::default();
+    // Per partition, the offset of the last dead letter removed.
+    let mut removed: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut removed_at = std::collections::HashSet::new();
+    let mut failure = None;
+    for m in &read {
+        out.scanned += 1;
+        let (record, matched) = classify(filter, &m.body);
+        if !matched {
+            continue;
+        }
+        let remove = match action {
+            Action::Look => false,
+            Action::Purge => true,
+            Action::Replay => match record.as_ref().and_then(|r| r.envelope.clone()) {
+                None => {
+                    out.skipped += 1;
+                    false
+                }
+                Some(env) => match replay(ctx, env).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // Remove what was already replayed, then report.
+                        failure = Some(e);
+                        break;
+                    }
+                },
+            },
+        };
+        if remove {
+            removed.insert(m.partition, m.offset);
+            removed_at.insert((m.partition, m.offset));
+            out.settled += 1;
+        }
+        out.matched.push(Item {
+            record,
+            body: m.body.clone(),
+        });
+    }
+    if !removed.is_empty() {
+        let keep: Vec<ToolMessage> = read
+            .iter()
+            .filter(|m| {
+                !removed_at.contains(&(m.partition, m.offset))
+                    && removed
+                        .get(&m.partition)
+                        .is_some_and(|last| m.offset < *last)
+            })
+            .cloned()
+            .collect();
+        let through = removed.iter().map(|(p, o)| (*p, o + 1)).collect();
+        kafka.dlq_remove(&keep, &through).await?;
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }

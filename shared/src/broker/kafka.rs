@@ -615,6 +615,58 @@ impl Kafka {
             .map_err(|e| BrokerError::Unavailable(format!("tool task failed: {e}")))?
     }
 
+    /// The consumer group of the dead-letter tools (`<group_id>.tools`): its
+    /// committed offsets on the dead-letter topic mark where the dead letters
+    /// not yet replayed or purged begin.
+    pub fn dlq_tools_group(&self) -> String {
+        format!("{}.tools", self.inner.config.group_id)
+    }
+
+    /// Reads up to `limit` dead letters not yet replayed or purged, oldest
+    /// first within each partition. Changes nothing.
+    pub async fn dlq_read(&self, limit: usize) -> BrokerResult<Vec<ToolMessage>> {
+        let consumer = self.tool_consumer(&self.dlq_tools_group())?;
+        let topic = self.inner.topics.dlq.clone();
+        tokio::task::spawn_blocking(move || {
+            read_blocking(&consumer, &topic, &HashMap::new(), limit).map(|(m, _)| m)
+        })
+        .await
+        .map_err(|e| BrokerError::Unavailable(format!("tool task failed: {e}")))?
+    }
+
+    /// Removes dead letters from the tools' view: appends `keep` again at the
+    /// end of the dead-letter topic (each confirmed), then commits `through`
+    /// (partition → first offset not removed) for the tools group. Kafka
+    /// cannot delete single messages, so the ones to keep that lie below a
+    /// removed one move to the end, in their order; a crash between the two
+    /// steps leaves them twice, never loses one.
+    pub async fn dlq_remove(
+        &self,
+        keep: &[ToolMessage],
+        through: &BTreeMap<i32, i64>,
+    ) -> BrokerResult<()> {
+        let topic = &self.inner.topics.dlq;
+        for m in keep {
+            self.send(
+                topic,
+                m.key.as_deref(),
+                &m.body,
+                m.headers.clone().unwrap_or_default(),
+            )
+            .await?;
+        }
+        let mut offsets = TopicPartitionList::new();
+        for (p, o) in through {
+            offsets
+                .add_partition_offset(topic, *p, Offset::Offset(*o))
+                .map_err(|e| classify("building offsets", &e))?;
+        }
+        let consumer = self.tool_consumer(&self.dlq_tools_group())?;
+        tokio::task::spawn_blocking(move || commit_blocking(&consumer, &offsets, true))
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("tool task failed: {e}")))?
+    }
+
     /// Deletes the three topics (for tests and tear-down tools); errors are ignored.
     pub async fn delete_topology(&self) {
         let Ok(admin) = base_config(&self.inner.config, &self.inner.client_name)
@@ -638,12 +690,31 @@ pub struct Taken {
     pub ends: HashMap<i32, i64>,
 }
 
-fn take_blocking(
+/// One message read by a tool, with where it was.
+#[derive(Debug, Clone)]
+pub struct ToolMessage {
+    /// Partition.
+    pub partition: i32,
+    /// Offset in its partition.
+    pub offset: i64,
+    /// Message key.
+    pub key: Option<Vec<u8>>,
+    /// Message body.
+    pub body: Vec<u8>,
+    /// Message headers.
+    pub headers: Option<OwnedHeaders>,
+}
+
+/// Reads `topic` from `group`'s committed offsets (raised to `floors`) up to
+/// the ends the partitions had when it started, or until `limit` messages.
+/// Returns the messages and, per partition, where reading stopped (meaningful
+/// only when the limit was not reached). Commits nothing.
+fn read_blocking(
     consumer: &BaseConsumer,
     topic: &str,
     floors: &HashMap<i32, i64>,
-    must_commit: bool,
-) -> BrokerResult<Taken> {
+    limit: usize,
+) -> BrokerResult<(Vec<ToolMessage>, TopicPartitionList)> {
     let meta = consumer
         .fetch_metadata(Some(topic), SETUP_TIMEOUT)
         .map_err(|e| classify("reading metadata", &e))?;
@@ -681,18 +752,24 @@ fn take_blocking(
             .map_err(|e| classify("building offsets", &e))?;
     }
     let mut out = Vec::new();
-    if !remaining.is_empty() {
+    if !remaining.is_empty() && limit > 0 {
         consumer
             .assign(&assign)
             .map_err(|e| classify("assigning", &e))?;
         let deadline = std::time::Instant::now() + SETUP_TIMEOUT;
-        while !remaining.is_empty() && std::time::Instant::now() < deadline {
+        while !remaining.is_empty() && out.len() < limit && std::time::Instant::now() < deadline {
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
                     let p = m.partition();
                     if let Some(high) = remaining.get(&p).copied() {
                         if m.offset() < high {
-                            out.push(m.payload().unwrap_or_default().to_vec());
+                            out.push(ToolMessage {
+                                partition: p,
+                                offset: m.offset(),
+                                key: m.key().map(<[u8]>::to_vec),
+                                body: m.payload().unwrap_or_default().to_vec(),
+                                headers: m.headers().map(|h| h.detach()),
+                            });
                         }
                         if m.offset() + 1 >= high {
                             remaining.remove(&p);
@@ -703,29 +780,50 @@ fn take_blocking(
                 None => {}
             }
         }
-        if !remaining.is_empty() {
+        if !remaining.is_empty() && out.len() < limit {
             return Err(BrokerError::Unavailable(format!(
                 "reading `{topic}` did not reach its end within {}s",
                 SETUP_TIMEOUT.as_secs()
             )));
         }
     }
-    if ends.count() > 0 {
-        // A member that just left may still be counted by the coordinator for a moment.
-        let mut tries = 0;
-        loop {
-            match consumer.commit(&ends, CommitMode::Sync) {
-                Ok(()) => break,
-                Err(_) if !must_commit => break,
-                Err(e) if tries < 10 => {
-                    tracing::debug!(error = %e, "Commit of a drained topic refused; retrying");
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(300));
-                }
-                Err(e) => return Err(classify("committing", &e)),
+    Ok((out, ends))
+}
+
+/// Commits `offsets` for the tool consumer's group. With `must_commit` false
+/// a refused commit is not an error (see [`Kafka::take_from`]).
+fn commit_blocking(
+    consumer: &BaseConsumer,
+    offsets: &TopicPartitionList,
+    must_commit: bool,
+) -> BrokerResult<()> {
+    if offsets.count() == 0 {
+        return Ok(());
+    }
+    // A member that just left may still be counted by the coordinator for a moment.
+    let mut tries = 0;
+    loop {
+        match consumer.commit(offsets, CommitMode::Sync) {
+            Ok(()) => return Ok(()),
+            Err(_) if !must_commit => return Ok(()),
+            Err(e) if tries < 10 => {
+                tracing::debug!(error = %e, "Commit of a tool's offsets refused; retrying");
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(300));
             }
+            Err(e) => return Err(classify("committing", &e)),
         }
     }
+}
+
+fn take_blocking(
+    consumer: &BaseConsumer,
+    topic: &str,
+    floors: &HashMap<i32, i64>,
+    must_commit: bool,
+) -> BrokerResult<Taken> {
+    let (messages, ends) = read_blocking(consumer, topic, floors, usize::MAX)?;
+    commit_blocking(consumer, &ends, must_commit)?;
     let ends = ends
         .elements()
         .iter()
@@ -735,7 +833,7 @@ fn take_blocking(
         })
         .collect();
     Ok(Taken {
-        messages: out,
+        messages: messages.into_iter().map(|m| m.body).collect(),
         ends,
     })
 }

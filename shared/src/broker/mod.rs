@@ -171,9 +171,7 @@ impl Broker {
                 match dest {
                     Destination::Work => k.take_all(&topics.work, group).await,
                     Destination::Retry => k.take_all(&topics.retry, group).await,
-                    Destination::DeadLetter => {
-                        k.take_all(&topics.dlq, &format!("{group}.tools")).await
-                    }
+                    Destination::DeadLetter => k.take_all(&topics.dlq, &k.dlq_tools_group()).await,
                 }
             }
         }
