@@ -29,7 +29,8 @@ pub enum DlqCmd {
         after_help = "Examples:\n  worker dlq replay -c cronpipe.toml --id 6f1c2b0e-…\n  worker dlq replay -c cronpipe.toml --task report --reason permanent_error"
     )]
     Replay(DlqArgs),
-    /// Delete matching dead letters (a filter or --all is required).
+    /// Delete matching dead letters (a filter or --all is required). On Kafka they are
+    /// skipped past by the `<group_id>.tools` offsets, since a topic keeps its messages.
     #[command(
         after_help = "Examples:\n  worker dlq purge -c cronpipe.toml --reason invalid_json\n  worker dlq purge -c cronpipe.toml --all"
     )]

@@ -281,6 +281,9 @@ async fn run_kafka(
         let through = removed.iter().map(|(p, o)| (*p, o + 1)).collect();
         kafka.dlq_remove(&keep, &through).await?;
     }
+    // Partitions are read side by side; list them oldest first, as on RabbitMQ.
+    out.matched
+        .sort_by_key(|i| i.record.as_ref().map(|r| r.dead_lettered_at));
     match failure {
         Some(e) => Err(e),
         None => Ok(out),
