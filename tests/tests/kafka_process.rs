@@ -61,6 +61,23 @@ fn ids_where(ev: &[Event], pred: impl Fn(&Event) -> bool) -> HashSet<String> {
         .collect()
 }
 
+/// The ids among `ids` whose outcome Redis holds as done.
+async fn recorded_done(env: &TestEnv, ids: &[String]) -> HashSet<String> {
+    let mut conn = env.store.connection();
+    let mut out = HashSet::new();
+    for id in ids {
+        let state: Option<String> = redis::cmd("GET")
+            .arg(env.store.keys().idem(id))
+            .query_async(&mut conn)
+            .await
+            .expect("redis");
+        if state.as_deref() == Some("done") {
+            out.insert(id.clone());
+        }
+    }
+    out
+}
+
 async fn publish_jobs(env: &TestEnv, n: usize) -> Vec<String> {
     let envs: Vec<Envelope> = (0..n)
         .map(|i| Envelope::new("job", serde_json::json!(i)))
@@ -260,6 +277,12 @@ async fn a_sigkilled_worker_leaves_exactly_its_unfinished_tasks_to_the_survivor(
         .await,
         "tasks of the killed worker survived it: {a_unfinished:?}"
     );
+    // Finished, for the system, means the outcome is recorded in Redis. A
+    // task whose script printed "done" just before the kill while its worker
+    // had not yet recorded it is unfinished and runs again: the at-least-once
+    // window between a handler's end and its record. Read before the events,
+    // so every task recorded here has its start among them.
+    let recorded_at_kill = recorded_done(&env, &ids).await;
     let at_kill = events(&env);
     let n_at_kill = at_kill.len();
     let done_by_a = ids_where(&at_kill, |e| e.what == "done" && e.worker == "wa");
@@ -303,12 +326,21 @@ async fn a_sigkilled_worker_leaves_exactly_its_unfinished_tasks_to_the_survivor(
     for e in ev.iter().filter(|e| e.what == "done") {
         *dones.entry(&e.id).or_default() += 1;
     }
-    assert!(dones.values().all(|n| *n == 1), "finished twice: {dones:?}");
-    // ... and the survivor started exactly what was neither finished at the
-    // kill nor already running on it: a's unfinished and unstarted tasks.
+    // (a task of a's that printed "done" but was not recorded runs once more).
+    let unrecorded_by_a: HashSet<String> =
+        done_by_a.difference(&recorded_at_kill).cloned().collect();
+    assert!(
+        dones
+            .iter()
+            .all(|(id, n)| *n == 1 || (*n == 2 && unrecorded_by_a.contains(*id))),
+        "finished twice: {dones:?} (done by a but not recorded at the kill: {unrecorded_by_a:?})"
+    );
+    // ... and the survivor started exactly what was neither recorded as
+    // finished at the kill nor already running on it: a's unfinished and
+    // unstarted tasks.
     let expected: HashSet<String> = all
         .iter()
-        .filter(|id| !done_at_kill.contains(*id) && !started_by_b.contains(*id))
+        .filter(|id| !recorded_at_kill.contains(*id) && !started_by_b.contains(*id))
         .cloned()
         .collect();
     assert_eq!(
@@ -316,8 +348,9 @@ async fn a_sigkilled_worker_leaves_exactly_its_unfinished_tasks_to_the_survivor(
         "the survivor runs exactly the unfinished tasks, nothing finished runs twice"
     );
     eprintln!(
-        "done by a before the kill: {}, left to the survivor: {}; it held every partition {rebalanced:?} and had all done {took_over:?} after the kill",
+        "done by a before the kill: {} ({} of them not yet recorded), left to the survivor: {}; it held every partition {rebalanced:?} and had all done {took_over:?} after the kill",
         done_by_a.len(),
+        unrecorded_by_a.len(),
         expected.len()
     );
     b.signal(Signal::SIGTERM);
