@@ -70,6 +70,11 @@ impl Keys {
     pub fn history(&self) -> String {
         format!("{}:history", self.prefix)
     }
+
+    /// String with TTL: held by the one `worker dlq replay` or `purge` running.
+    pub fn dlq_lock(&self) -> String {
+        format!("{}:dlq:lock", self.prefix)
+    }
 }
 
 #[cfg(test)]

@@ -83,6 +83,7 @@ struct Scripts {
     watermark_remove: Script,
     idem_renew: Script,
     idem_finish: Script,
+    lock_release: Script,
 }
 
 impl Scripts {
@@ -95,6 +96,7 @@ impl Scripts {
             watermark_remove: Script::new(include_str!("lua/watermark_remove.lua")),
             idem_renew: Script::new(include_str!("lua/idem_renew.lua")),
             idem_finish: Script::new(include_str!("lua/idem_finish.lua")),
+            lock_release: Script::new(include_str!("lua/lock_release.lua")),
         }
     }
 }
@@ -399,6 +401,62 @@ impl Store {
             .del(&[self.keys.idem(key), self.keys.attempts(key)])
             .await?;
         Ok(())
+    }
+
+    /// Takes the dead-letter tools' lock for `holder` for `ttl`:
+    /// `Ok(Err((holder, time left)))` when someone else holds it.
+    pub async fn dlq_lock(
+        &self,
+        holder: &str,
+        ttl: Duration,
+    ) -> StoreResult<Result<(), (String, Duration)>> {
+        let mut c = self.conn.clone();
+        let key = self.keys.dlq_lock();
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(ms(ttl))
+            .query_async(&mut c)
+            .await?;
+        if taken.is_some() {
+            return Ok(Ok(()));
+        }
+        let (other, left): (Option<String>, i64) = redis::pipe()
+            .get(&key)
+            .pttl(&key)
+            .query_async(&mut c)
+            .await?;
+        Ok(Err((
+            other.unwrap_or_default(),
+            Duration::from_millis(left.max(0) as u64),
+        )))
+    }
+
+    /// Extends the dead-letter tools' lock if `holder` still holds it.
+    pub async fn dlq_lock_renew(&self, holder: &str, ttl: Duration) -> StoreResult<bool> {
+        let ok: i64 = self
+            .scripts
+            .lease_renew
+            .key(self.keys.dlq_lock())
+            .arg(holder)
+            .arg(ms(ttl))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(ok == 1)
+    }
+
+    /// Releases the dead-letter tools' lock if `holder` holds it.
+    pub async fn dlq_unlock(&self, holder: &str) -> StoreResult<bool> {
+        let ok: i64 = self
+            .scripts
+            .lock_release
+            .key(self.keys.dlq_lock())
+            .arg(holder)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(ok == 1)
     }
 
     /// Raw connection, for callers with needs of their own (tests, tools).

@@ -506,6 +506,74 @@ permanent_exit_codes = [64]
     env.cleanup().await;
 }
 
+broker_test!(one_dlq_replay_or_purge_at_a_time);
+async fn one_dlq_replay_or_purge_at_a_time(env: TestEnv) {
+    let cfg = env.write_config("cronpipe.toml", "");
+    let c = cfg.to_str().expect("path");
+    use cronpipe_shared::deadletter::{DeadLetter, DeadReason};
+    let record = DeadLetter {
+        v: 1,
+        reason: DeadReason::InvalidJson,
+        error: "expected value at line 1 column 1".into(),
+        envelope: None,
+        raw: Some(DeadLetter::raw_body(b"not json at all")),
+        attempts: 0,
+        exit_code: None,
+        http_status: None,
+        output_tail: String::new(),
+        worker: "w".into(),
+        first_seen_at: None,
+        dead_lettered_at: Utc::now(),
+    };
+    env.broker
+        .publish_dead_letter(&record)
+        .await
+        .expect("dead letter");
+    // Another replay or purge holds the lock.
+    let lock = env.store.keys().dlq_lock();
+    let mut conn = env.store.connection();
+    let _: () = redis::cmd("SET")
+        .arg(&lock)
+        .arg("worker-dlq-elsewhere")
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut conn)
+        .await
+        .expect("redis");
+    for args in [
+        &["dlq", "purge", "-c", c, "--all"][..],
+        &["dlq", "replay", "-c", c, "--reason", "invalid_json"][..],
+    ] {
+        let (code, out, err) = cli("worker", args);
+        assert_ne!(code, 0, "{args:?} must not run beside another: {out}{err}");
+        assert!(
+            err.contains("worker-dlq-elsewhere") && err.contains("is running"),
+            "names the holder: {err}"
+        );
+    }
+    // Listing needs no lock, and the dead letter is still there.
+    let (code, out, err) = cli("worker", &["dlq", "list", "-c", c, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).expect("json");
+    assert_eq!(listed.len(), 1, "{out}");
+    // Once the other is done, purge runs, and leaves no lock behind.
+    let _: i64 = redis::cmd("DEL")
+        .arg(&lock)
+        .query_async(&mut conn)
+        .await
+        .expect("redis");
+    let (code, out, err) = cli("worker", &["dlq", "purge", "-c", c, "--all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("purged 1"), "{out}");
+    let held: Option<String> = redis::cmd("GET")
+        .arg(&lock)
+        .query_async(&mut conn)
+        .await
+        .expect("redis");
+    assert_eq!(held, None, "the lock is released");
+    env.cleanup().await;
+}
+
 broker_test!(admin_api_requires_the_token_and_names_bad_fields);
 async fn admin_api_requires_the_token_and_names_bad_fields(env: TestEnv) {
     let cfg = env.write_config(

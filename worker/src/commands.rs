@@ -227,7 +227,7 @@ pub async fn dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
     )
     .await;
     broker.close().await;
-    let outcome = outcome.context("reading the dead-letter queue")?;
+    let outcome = outcome.context("dead-letter tools")?;
     match cmd {
         DlqCmd::List(_) => {
             print_items(&outcome.matched, args.json)?;

@@ -13,11 +13,13 @@
 //! removed, and nothing is lost if the tool dies midway.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cronpipe_shared::broker::kafka::{Kafka, ToolMessage};
 use cronpipe_shared::broker::rabbitmq::Rabbit;
 use cronpipe_shared::deadletter::DeadLetter;
+use cronpipe_shared::store::StoreError;
 use cronpipe_shared::{Broker, BrokerError, Envelope, Store};
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 
@@ -98,8 +100,35 @@ pub struct Outcome {
     pub skipped: usize,
 }
 
+/// How long the dead-letter tools' lock lives without renewal (it is renewed
+/// every third of it while a replay or purge runs).
+const LOCK_TTL: Duration = Duration::from_secs(60);
+
+/// Why a dead-letter operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// Another replay or purge holds the lock.
+    #[error("another `worker dlq replay` or `purge` is running (lock held by `{holder}`, {left_s}s left unless renewed); run this one when it is done")]
+    Busy {
+        /// Who holds the lock.
+        holder: String,
+        /// Seconds left on its lock.
+        left_s: u64,
+    },
+    /// Redis failed while taking the lock.
+    #[error("taking the dead-letter tools' lock in Redis: {0}")]
+    Store(#[from] StoreError),
+}
+
 /// Reads up to `limit` dead letters and applies `action` to those matching `filter`.
 /// Replays reset the task's idempotency state and attempt count first, so the task runs again.
+///
+/// A replay or purge holds a lock in Redis (`{ns}:dlq:lock`) while it runs,
+/// so two never act on the same dead letters (on Kafka nothing else would
+/// stop them); listing takes none.
 pub async fn run(
     broker: &Broker,
     store: &Store,
@@ -107,16 +136,47 @@ pub async fn run(
     action: Action,
     limit: usize,
     history_max_len: usize,
-) -> Result<Outcome, BrokerError> {
+) -> Result<Outcome, DlqError> {
     let ctx = Ctx {
         broker,
         store,
         history_max_len,
     };
-    match broker {
-        Broker::Rabbit(r) => run_rabbit(&ctx, r, filter, action, limit).await,
-        Broker::Kafka(k) => run_kafka(&ctx, k, filter, action, limit).await,
+    let op = async {
+        match broker {
+            Broker::Rabbit(r) => run_rabbit(&ctx, r, filter, action, limit).await,
+            Broker::Kafka(k) => run_kafka(&ctx, k, filter, action, limit).await,
+        }
+    };
+    if action == Action::Look {
+        return Ok(op.await?);
     }
+    let holder = format!(
+        "{}-{:08x}",
+        cronpipe_shared::telemetry::default_instance_id("worker-dlq"),
+        rand::random::<u32>()
+    );
+    if let Err((other, left)) = store.dlq_lock(&holder, LOCK_TTL).await? {
+        return Err(DlqError::Busy {
+            holder: other,
+            left_s: left.as_secs(),
+        });
+    }
+    tokio::pin!(op);
+    let result = loop {
+        tokio::select! {
+            r = &mut op => break r,
+            _ = tokio::time::sleep(LOCK_TTL / 3) => {
+                if !matches!(store.dlq_lock_renew(&holder, LOCK_TTL).await, Ok(true)) {
+                    tracing::warn!("Could not renew the dead-letter tools' lock; another replay or purge could start");
+                }
+            }
+        }
+    };
+    if let Err(e) = store.dlq_unlock(&holder).await {
+        tracing::warn!(error = %e, "Could not release the dead-letter tools' lock; it expires by itself");
+    }
+    Ok(result?)
 }
 
 struct Ctx<'a> {
