@@ -199,11 +199,15 @@ impl Store {
 
     /// The current lease value and its time left, if any.
     pub async fn lease_holder(&self) -> StoreResult<Option<(String, Duration)>> {
-        let mut c = self.conn.clone();
+        self.value_and_ttl(&self.keys.leader()).await
+    }
+
+    /// A key's value and time left, if it exists.
+    async fn value_and_ttl(&self, key: &str) -> StoreResult<Option<(String, Duration)>> {
         let (value, pttl): (Option<String>, i64) = redis::pipe()
-            .get(self.keys.leader())
-            .pttl(self.keys.leader())
-            .query_async(&mut c)
+            .get(key)
+            .pttl(key)
+            .query_async(&mut self.conn.clone())
             .await?;
         Ok(value.map(|v| (v, Duration::from_millis(pttl.max(0) as u64))))
     }
@@ -410,28 +414,24 @@ impl Store {
         holder: &str,
         ttl: Duration,
     ) -> StoreResult<Result<(), (String, Duration)>> {
-        let mut c = self.conn.clone();
         let key = self.keys.dlq_lock();
-        let taken: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(holder)
-            .arg("NX")
-            .arg("PX")
-            .arg(ms(ttl))
-            .query_async(&mut c)
-            .await?;
-        if taken.is_some() {
-            return Ok(Ok(()));
+        loop {
+            let taken: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(holder)
+                .arg("NX")
+                .arg("PX")
+                .arg(ms(ttl))
+                .query_async(&mut self.conn.clone())
+                .await?;
+            if taken.is_some() {
+                return Ok(Ok(()));
+            }
+            // Unless it was released in between, in which case try again.
+            if let Some(other) = self.value_and_ttl(&key).await? {
+                return Ok(Err(other));
+            }
         }
-        let (other, left): (Option<String>, i64) = redis::pipe()
-            .get(&key)
-            .pttl(&key)
-            .query_async(&mut c)
-            .await?;
-        Ok(Err((
-            other.unwrap_or_default(),
-            Duration::from_millis(left.max(0) as u64),
-        )))
     }
 
     /// Extends the dead-letter tools' lock if `holder` still holds it.
