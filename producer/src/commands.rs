@@ -5,7 +5,6 @@
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -147,18 +146,7 @@ pub struct EnqueueArgs {
 }
 
 async fn store_of(config: &Config) -> anyhow::Result<Store> {
-    Store::connect(
-        &config.redis.url,
-        &config.redis.namespace,
-        Duration::from_secs(5),
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "connecting to Redis at {}",
-            cronpipe_shared::redact(&config.redis.url)
-        )
-    })
+    Ok(cronpipe_shared::connect::tool_store(config).await?)
 }
 
 fn report(result: Result<String, AdminError>) -> ExitCode {

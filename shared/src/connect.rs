@@ -2,13 +2,40 @@
 //! retried with exponential backoff and jitter (100 ms doubling to 5 s, without
 //! end) until it answers or shutdown is requested. A broker setup conflict
 //! (for example a queue of another type) is not retried: it needs a fix.
+//! Operator tools connect once ([`tool_store`]). URLs in logs and errors go
+//! through [`redact`].
 
 use std::time::Duration;
 
 use backon::BackoffBuilder;
 use tokio_util::sync::CancellationToken;
 
+use crate::store::StoreError;
 use crate::{Broker, BrokerError, Config, Store};
+
+/// Hides the password of a URL (broker or Redis) for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Connects an operator tool to Redis, once (commands bounded by 5 s).
+pub async fn tool_store(config: &Config) -> Result<Store, StoreError> {
+    Store::connect(
+        &config.redis.url,
+        &config.redis.namespace,
+        Duration::from_secs(5),
+    )
+    .await
+}
 
 /// Exponential backoff with jitter, 100 ms to 5 s, without end.
 pub fn backoff_forever() -> impl Iterator<Item = Duration> {
@@ -52,4 +79,22 @@ pub async fn connect_all(
         }
     };
     Ok(Some((store, broker)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(
+            redact("redis://:secret@cache:6379/0"),
+            "redis://:***@cache:6379/0"
+        );
+        assert_eq!(redact("amqp://host"), "amqp://host");
+    }
 }

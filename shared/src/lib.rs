@@ -30,9 +30,8 @@ pub mod schedule;
 pub mod store;
 pub mod telemetry;
 
-/// Hides the password of a URL (broker or Redis) for logs and errors.
-pub use broker::rabbitmq::redact;
 pub use broker::{Broker, BrokerError, Consumer, Delivery, Destination};
 pub use config::Config;
+pub use connect::redact;
 pub use envelope::Envelope;
 pub use store::Store;

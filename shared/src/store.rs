@@ -19,6 +19,14 @@ pub enum StoreError {
     /// Redis refused or did not answer.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// No connection could be made to Redis at `url` (password hidden).
+    #[error("connecting to Redis at {url}: {error}")]
+    Connect {
+        /// The configured URL, password hidden.
+        url: String,
+        /// What went wrong.
+        error: redis::RedisError,
+    },
     /// Redis answered with data this build cannot read.
     #[error("redis returned unexpected data: {0}")]
     Unexpected(String),
@@ -27,7 +35,7 @@ pub enum StoreError {
 impl StoreError {
     /// Whether trying again later can succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Redis(_))
+        matches!(self, StoreError::Redis(_) | StoreError::Connect { .. })
     }
 }
 
@@ -113,13 +121,20 @@ impl Store {
         namespace: &str,
         response_timeout: Duration,
     ) -> StoreResult<Self> {
-        let client = redis::Client::open(url)?;
+        let failed = |error| StoreError::Connect {
+            url: crate::redact(url),
+            error,
+        };
+        let client = redis::Client::open(url).map_err(failed)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(response_timeout))
             .set_connection_timeout(Some(response_timeout.max(Duration::from_secs(1))))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = client.get_connection_manager_with_config(config).await?;
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(failed)?;
         Ok(Store {
             conn,
             keys: Keys::new(namespace),

@@ -1,7 +1,6 @@
 //! Operator subcommands of the `worker` binary: `dlq …` and `history`.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -109,18 +108,7 @@ impl DlqArgs {
 }
 
 async fn connect(config: &Config) -> anyhow::Result<(Store, Broker)> {
-    let store = Store::connect(
-        &config.redis.url,
-        &config.redis.namespace,
-        Duration::from_secs(5),
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "connecting to Redis at {}",
-            cronpipe_shared::redact(&config.redis.url)
-        )
-    })?;
+    let store = cronpipe_shared::connect::tool_store(config).await?;
     let broker = Broker::connect(&config.broker, "cronpipe-dlq")
         .await
         .context("connecting to the broker")?;
@@ -271,18 +259,7 @@ pub struct HistoryArgs {
 
 /// `worker history`
 pub async fn history(config: Config, args: HistoryArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(
-        &config.redis.url,
-        &config.redis.namespace,
-        Duration::from_secs(5),
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "connecting to Redis at {}",
-            cronpipe_shared::redact(&config.redis.url)
-        )
-    })?;
+    let store = cronpipe_shared::connect::tool_store(&config).await?;
     let entries = history::recent(&store, args.task.as_deref(), args.last)
         .await
         .context("reading the execution history")?;

@@ -27,6 +27,7 @@ use tokio::sync::Mutex;
 use super::rabbit_acks::AckCoalescer;
 use super::{BrokerError, BrokerResult};
 use crate::config::{QueueType, RabbitConfig};
+use crate::connect::redact;
 use crate::deadletter::DeadLetter;
 use crate::envelope::Envelope;
 
@@ -485,20 +486,6 @@ impl Rabbit {
     }
 }
 
-/// Hides the password of a URL for logs and errors.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// A consumer of the work queue.
 pub struct RabbitConsumer {
     channel: Channel,
@@ -617,14 +604,5 @@ mod tests {
         assert_eq!(delay_tier_ms(Duration::from_millis(1250)), 1300);
         assert_eq!(delay_tier_ms(Duration::from_millis(57_891)), 58_000);
         assert_eq!(delay_tier_ms(Duration::from_secs(300)), 300_000);
-    }
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact("amqp://guest:secret@host:5672/%2f"),
-            "amqp://guest:***@host:5672/%2f"
-        );
-        assert_eq!(redact("amqp://host"), "amqp://host");
     }
 }
