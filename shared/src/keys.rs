@@ -90,6 +90,7 @@ mod tests {
             k.watermarks(),
             k.idem("a"),
             k.attempts("a"),
+            k.dlq_lock(),
         ] {
             assert!(key.starts_with("{prod}:"), "{key}");
         }

@@ -186,14 +186,19 @@ impl Store {
 
     /// Extends the lease if `value` still holds it.
     pub async fn lease_renew(&self, value: &str, ttl: Duration) -> StoreResult<bool> {
-        let mut c = self.conn.clone();
+        self.renew_if_held(&self.keys.leader(), value, ttl).await
+    }
+
+    /// Sets `key`'s time to live to `ttl` if its value is `value` (never a
+    /// bare `PEXPIRE`: whoever holds it now keeps their own).
+    async fn renew_if_held(&self, key: &str, value: &str, ttl: Duration) -> StoreResult<bool> {
         let ok: i64 = self
             .scripts
             .lease_renew
-            .key(self.keys.leader())
+            .key(key)
             .arg(value)
             .arg(ms(ttl))
-            .invoke_async(&mut c)
+            .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(ok == 1)
     }
@@ -451,15 +456,7 @@ impl Store {
 
     /// Extends the dead-letter tools' lock if `holder` still holds it.
     pub async fn dlq_lock_renew(&self, holder: &str, ttl: Duration) -> StoreResult<bool> {
-        let ok: i64 = self
-            .scripts
-            .lease_renew
-            .key(self.keys.dlq_lock())
-            .arg(holder)
-            .arg(ms(ttl))
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(ok == 1)
+        self.renew_if_held(&self.keys.dlq_lock(), holder, ttl).await
     }
 
     /// Releases the dead-letter tools' lock if `holder` holds it.

@@ -1,6 +1,8 @@
-//! Schedule watermarks against the real Redis: only the lease holder moves
-//! or removes them, so a deposed producer that has not noticed yet (working
-//! from an older config) cannot erase what the current leader relies on.
+//! Holder-checked writes against the real Redis: only the lease holder moves
+//! or removes schedule watermarks, so a deposed producer that has not
+//! noticed yet (working from an older config) cannot erase what the current
+//! leader relies on; only the holder of the dead-letter tools' lock renews or
+//! releases it.
 
 use std::time::Duration;
 
@@ -70,4 +72,23 @@ async fn only_the_lease_holder_moves_or_removes_watermarks() {
         .query_async(&mut s.connection())
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn only_the_dlq_lock_holder_renews_or_releases_it() {
+    let s = store().await;
+    assert_eq!(s.dlq_lock("tool-a", TTL).await.unwrap(), Ok(()));
+    let Err((holder, left)) = s.dlq_lock("tool-b", TTL).await.unwrap() else {
+        panic!("a second holder took a held lock");
+    };
+    assert_eq!(holder, "tool-a");
+    assert!(left > Duration::ZERO && left <= TTL, "{left:?}");
+    assert!(!s.dlq_lock_renew("tool-b", TTL * 2).await.unwrap());
+    assert!(!s.dlq_unlock("tool-b").await.unwrap());
+    assert!(s.dlq_lock_renew("tool-a", TTL * 2).await.unwrap());
+    let (_, left) = s.dlq_lock("tool-b", TTL).await.unwrap().unwrap_err();
+    assert!(left > TTL, "renewed past the first ttl: {left:?}");
+    assert!(s.dlq_unlock("tool-a").await.unwrap());
+    assert_eq!(s.dlq_lock("tool-b", TTL).await.unwrap(), Ok(()));
+    assert!(s.dlq_unlock("tool-b").await.unwrap());
 }
