@@ -141,11 +141,14 @@ pub async fn run(
         broker,
         store,
         history_max_len,
+        filter,
+        action,
+        limit,
     };
     let op = async {
         match broker {
-            Broker::Rabbit(r) => run_rabbit(&ctx, r, filter, action, limit).await,
-            Broker::Kafka(k) => run_kafka(&ctx, k, filter, action, limit).await,
+            Broker::Rabbit(r) => run_rabbit(&ctx, r).await,
+            Broker::Kafka(k) => run_kafka(&ctx, k).await,
         }
     };
     if action == Action::Look {
@@ -179,10 +182,14 @@ pub async fn run(
     Ok(result?)
 }
 
+/// One dead-letter operation: where it runs and what it does.
 struct Ctx<'a> {
     broker: &'a Broker,
     store: &'a Store,
     history_max_len: usize,
+    filter: &'a Filter,
+    action: Action,
+    limit: usize,
 }
 
 /// The parsed record of a dead letter's body, and whether `filter` takes it.
@@ -221,17 +228,11 @@ async fn replay(ctx: &Ctx<'_>, mut env: Envelope) -> Result<(), BrokerError> {
     ctx.broker.publish(&env).await
 }
 
-async fn run_rabbit(
-    ctx: &Ctx<'_>,
-    rabbit: &Rabbit,
-    filter: &Filter,
-    action: Action,
-    limit: usize,
-) -> Result<Outcome, BrokerError> {
+async fn run_rabbit(ctx: &Ctx<'_>, rabbit: &Rabbit) -> Result<Outcome, BrokerError> {
     let queue = rabbit.dlq_name();
     let ch = rabbit.channel().await?;
     let mut out = Outcome::default();
-    while out.scanned < limit {
+    while out.scanned < ctx.limit {
         let got = ch
             .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
             .await
@@ -239,11 +240,11 @@ async fn run_rabbit(
         let Some(msg) = got else { break };
         out.scanned += 1;
         let body = msg.delivery.data.clone();
-        let (record, matched) = classify(filter, &body);
+        let (record, matched) = classify(ctx.filter, &body);
         if !matched {
             continue;
         }
-        match action {
+        match ctx.action {
             Action::Look => {}
             Action::Purge => {
                 msg.delivery
@@ -280,14 +281,8 @@ async fn run_rabbit(
     Ok(out)
 }
 
-async fn run_kafka(
-    ctx: &Ctx<'_>,
-    kafka: &Kafka,
-    filter: &Filter,
-    action: Action,
-    limit: usize,
-) -> Result<Outcome, BrokerError> {
-    let read = kafka.dlq_read(limit).await?;
+async fn run_kafka(ctx: &Ctx<'_>, kafka: &Kafka) -> Result<Outcome, BrokerError> {
+    let read = kafka.dlq_read(ctx.limit).await?;
     let mut out = Outcome::default();
     // Per partition, the offset of the last dead letter removed.
     let mut removed: BTreeMap<i32, i64> = BTreeMap::new();
@@ -295,11 +290,11 @@ async fn run_kafka(
     let mut failure = None;
     for m in &read {
         out.scanned += 1;
-        let (record, matched) = classify(filter, &m.body);
+        let (record, matched) = classify(ctx.filter, &m.body);
         if !matched {
             continue;
         }
-        let remove = match action {
+        let remove = match ctx.action {
             Action::Look => false,
             Action::Purge => true,
             Action::Replay => match record.as_ref().and_then(|r| r.envelope.clone()) {
