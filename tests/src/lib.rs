@@ -31,6 +31,15 @@ pub fn redis_url() -> String {
     std::env::var("CRONPIPE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// A store on the suite's Redis in a fresh random namespace `cptest-<what>-…`,
+/// for tests of Redis operations alone.
+pub async fn scratch_store(what: &str) -> Store {
+    let ns = format!("cptest-{what}-{:08x}", rand::random::<u32>());
+    Store::connect(&redis_url(), &ns, Duration::from_secs(5))
+        .await
+        .expect("redis")
+}
+
 /// AMQP URL used by the suite (`CRONPIPE_TEST_AMQP_URL` overrides).
 pub fn amqp_url() -> String {
     std::env::var("CRONPIPE_TEST_AMQP_URL")

@@ -11,10 +11,7 @@ const TTL: Duration = Duration::from_secs(30);
 const KEEP: Duration = Duration::from_secs(600);
 
 async fn store() -> Store {
-    let ns = format!("cptest-claims-{:08x}", rand::random::<u32>());
-    Store::connect(&cronpipe_tests::redis_url(), &ns, Duration::from_secs(5))
-        .await
-        .expect("redis")
+    cronpipe_tests::scratch_store("claims").await
 }
 
 #[tokio::test]

@@ -12,10 +12,7 @@ use cronpipe_shared::store::Store;
 const TTL: Duration = Duration::from_secs(30);
 
 async fn store() -> Store {
-    let ns = format!("cptest-marks-{:08x}", rand::random::<u32>());
-    Store::connect(&cronpipe_tests::redis_url(), &ns, Duration::from_secs(5))
-        .await
-        .expect("redis")
+    cronpipe_tests::scratch_store("marks").await
 }
 
 /// Takes the free lease for `holder` and returns its full value.
