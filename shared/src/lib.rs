@@ -9,6 +9,7 @@
 //! - [`keys`]: every Redis key name.
 //! - [`memory`]: returning freed heap pages to the OS after big bursts.
 //! - [`store`]: Redis operations (lease, watermarks, idempotency claims), atomic (Lua scripts or single commands).
+//! - `redis_conn`: the connection under the store, which follows a Redis failover (reconnects on `READONLY`).
 //! - [`broker`]: the broker abstraction and its RabbitMQ and Kafka adapters.
 //! - [`deadletter`]: the dead-letter record.
 //! - [`backoff`]: retry delays for failed tasks.
@@ -26,6 +27,7 @@ pub mod envelope;
 pub mod keys;
 pub mod memory;
 pub mod ops;
+mod redis_conn;
 pub mod schedule;
 pub mod store;
 pub mod telemetry;

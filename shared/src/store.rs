@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
 use crate::keys::Keys;
+pub use crate::redis_conn::Conn;
 
 /// A Redis failure. Redis errors are transient from cronpipe's point of view:
 /// the operation can be tried again once Redis answers.
@@ -77,7 +77,7 @@ pub enum Outcome {
 /// Handle to Redis for one namespace. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: std::sync::Arc<crate::redis_conn::Shared>,
     keys: Keys,
     scripts: std::sync::Arc<Scripts>,
     client: redis::Client,
@@ -131,12 +131,17 @@ impl Store {
             .set_connection_timeout(Some(response_timeout.max(Duration::from_secs(1))))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = client
-            .get_connection_manager_with_config(config)
+        let manager = client
+            .get_connection_manager_with_config(config.clone())
             .await
             .map_err(failed)?;
         Ok(Store {
-            conn,
+            conn: crate::redis_conn::Shared::new(
+                manager,
+                client.clone(),
+                config,
+                crate::redact(url),
+            ),
             keys: Keys::new(namespace),
             scripts: std::sync::Arc::new(Scripts::load()),
             client,
@@ -155,7 +160,7 @@ impl Store {
 
     /// Round trip to Redis.
     pub async fn ping(&self) -> StoreResult<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let _: String = redis::cmd("PING").query_async(&mut c).await?;
         Ok(())
     }
@@ -167,7 +172,7 @@ impl Store {
         holder: &str,
         ttl: Duration,
     ) -> StoreResult<Result<u64, Duration>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let (token, pttl): (u64, i64) = self
             .scripts
             .lease_acquire
@@ -198,14 +203,14 @@ impl Store {
             .key(key)
             .arg(value)
             .arg(ms(ttl))
-            .invoke_async(&mut self.conn.clone())
+            .invoke_async(&mut self.conn())
             .await?;
         Ok(ok == 1)
     }
 
     /// Releases the lease if `value` holds it, notifying standbys.
     pub async fn lease_release(&self, value: &str) -> StoreResult<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let ok: i64 = self
             .scripts
             .lease_release
@@ -227,14 +232,14 @@ impl Store {
         let (value, pttl): (Option<String>, i64) = redis::pipe()
             .get(key)
             .pttl(key)
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn())
             .await?;
         Ok(value.map(|v| (v, Duration::from_millis(pttl.max(0) as u64))))
     }
 
     /// Watermarks of all schedules.
     pub async fn watermarks(&self) -> StoreResult<HashMap<String, DateTime<Utc>>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let raw: HashMap<String, i64> = c.hgetall(self.keys.watermarks()).await?;
         raw.into_iter()
             .map(|(k, v)| {
@@ -258,7 +263,7 @@ impl Store {
         if marks.is_empty() {
             return Ok(true);
         }
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let mut inv = self.scripts.watermark_advance.prepare_invoke();
         inv.key(self.keys.leader())
             .key(self.keys.watermarks())
@@ -283,7 +288,7 @@ impl Store {
         if names.is_empty() {
             return Ok(true);
         }
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let mut inv = self.scripts.watermark_remove.prepare_invoke();
         inv.key(self.keys.leader())
             .key(self.keys.watermarks())
@@ -314,7 +319,7 @@ impl Store {
         ttl: Duration,
         keep: Duration,
     ) -> StoreResult<Claim> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let state = self.keys.idem(key);
         let attempts = self.keys.attempts(key);
         let (prev, earlier): (Option<String>, Option<i64>) = redis::pipe()
@@ -366,7 +371,7 @@ impl Store {
 
     /// Extends our claim on `key`. False when it is no longer ours.
     pub async fn renew_claim(&self, key: &str, worker: &str, ttl: Duration) -> StoreResult<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let ok: i64 = self
             .scripts
             .idem_renew
@@ -391,7 +396,7 @@ impl Store {
             Outcome::Dead => "dead",
             Outcome::Release => "",
         };
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         if outcome == Outcome::Done {
             // The hot path: success is recorded whatever the state was (the
             // work did finish), so a plain SET does it, a quarter of the cost
@@ -420,7 +425,7 @@ impl Store {
 
     /// Forgets a key's state and attempt count (used when replaying a dead letter).
     pub async fn reset_key(&self, key: &str) -> StoreResult<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let _: i64 = c
             .del(&[self.keys.idem(key), self.keys.attempts(key)])
             .await?;
@@ -442,7 +447,7 @@ impl Store {
                 .arg("NX")
                 .arg("PX")
                 .arg(ms(ttl))
-                .query_async(&mut self.conn.clone())
+                .query_async(&mut self.conn())
                 .await?;
             if taken.is_some() {
                 return Ok(Ok(()));
@@ -466,14 +471,19 @@ impl Store {
             .lock_release
             .key(self.keys.dlq_lock())
             .arg(holder)
-            .invoke_async(&mut self.conn.clone())
+            .invoke_async(&mut self.conn())
             .await?;
         Ok(ok == 1)
     }
 
     /// Raw connection, for callers with needs of their own (tests, tools).
-    pub fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
+    pub fn connection(&self) -> Conn {
+        self.conn()
+    }
+
+    /// A connection for the next commands (it follows a failover, see [`Conn`]).
+    fn conn(&self) -> Conn {
+        self.conn.conn()
     }
 }
 
@@ -481,14 +491,14 @@ impl Store {
 impl Store {
     /// The revision counter of runtime schedule changes (0 when none yet).
     pub async fn schedules_rev(&self) -> StoreResult<u64> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let rev: Option<u64> = c.get(self.keys.schedules_rev()).await?;
         Ok(rev.unwrap_or(0))
     }
 
     /// All runtime schedule definitions (name → JSON) and the paused names.
     pub async fn dynamic_schedules(&self) -> StoreResult<(HashMap<String, String>, Vec<String>)> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let (defs, paused): (HashMap<String, String>, Vec<String>) = redis::pipe()
             .hgetall(self.keys.dynamic_schedules())
             .smembers(self.keys.paused())
@@ -505,7 +515,7 @@ impl Store {
         json: &str,
         create: bool,
     ) -> StoreResult<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let exists: bool = c.hexists(self.keys.dynamic_schedules(), name).await?;
         if exists == create {
             return Ok(false);
@@ -521,7 +531,7 @@ impl Store {
 
     /// Removes a runtime schedule with its pause flag and watermark. False if it did not exist.
     pub async fn remove_dynamic_schedule(&self, name: &str) -> StoreResult<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let (removed, _, _, _): (i64, i64, i64, i64) = redis::pipe()
             .atomic()
             .hdel(self.keys.dynamic_schedules(), name)
@@ -535,7 +545,7 @@ impl Store {
 
     /// Pauses or resumes a schedule by name. Returns whether the flag changed.
     pub async fn set_paused(&self, name: &str, paused: bool) -> StoreResult<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         let changed: i64 = if paused {
             c.sadd(self.keys.paused(), name).await?
         } else {
