@@ -6,6 +6,7 @@
 //! ends. [`broker_test!`] turns one test body into one test per broker.
 
 pub mod kafka;
+pub mod redis_failover;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
