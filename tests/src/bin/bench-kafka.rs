@@ -33,6 +33,8 @@ use cronpipe_tests::kafka::{external_brokers, Cluster};
 use cronpipe_tests::TestEnv;
 use cronpipe_worker::{Registry, Settled, Task, TaskError};
 use futures::StreamExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
@@ -313,8 +315,26 @@ async fn raw_path(
     work: RawWork,
 ) -> anyhow::Result<Rates> {
     let topic = format!("{}.raw-{work:?}", env.queue).to_lowercase();
-    if let Cluster::Mock(m) = env.cluster() {
-        m.create_topic(&topic, partitions);
+    match env.cluster() {
+        Cluster::Mock(m) => m.create_topic(&topic, partitions),
+        // As many partitions as cronpipe's topic (the worker creates its own
+        // the same way), not whatever a broker auto-creates.
+        Cluster::External(_) => {
+            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                .set("bootstrap.servers", env.brokers())
+                .create()
+                .context("raw admin client")?;
+            let spec = NewTopic::new(&topic, partitions, TopicReplication::Fixed(1));
+            for r in admin
+                .create_topics([&spec], &AdminOptions::new())
+                .await
+                .context("creating the raw topic")?
+            {
+                if let Err((t, e)) = r {
+                    bail!("creating topic {t}: {e}");
+                }
+            }
+        }
     }
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", env.brokers())
