@@ -332,6 +332,21 @@ pub fn gaps(slots: &BTreeSet<DateTime<Utc>>, step: chrono::Duration) -> Vec<Date
     missing
 }
 
+/// Publishes grouped by slot, after asserting that no leadership (fencing
+/// token) published a slot twice; the slots published form the keys.
+pub fn once_per_leadership(got: &[Received]) -> BTreeMap<DateTime<Utc>, Vec<u64>> {
+    let by_slot = publishes_by_slot(got);
+    for (slot, tokens) in &by_slot {
+        let distinct: BTreeSet<_> = tokens.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            tokens.len(),
+            "slot {slot} twice in one leadership"
+        );
+    }
+    by_slot
+}
+
 /// Slot → fencing tokens of every publish of it.
 pub fn publishes_by_slot(got: &[Received]) -> BTreeMap<DateTime<Utc>, Vec<u64>> {
     let mut out: BTreeMap<DateTime<Utc>, Vec<u64>> = BTreeMap::new();
