@@ -263,16 +263,12 @@ impl Store {
         if marks.is_empty() {
             return Ok(true);
         }
-        let mut c = self.conn();
-        let mut inv = self.scripts.watermark_advance.prepare_invoke();
-        inv.key(self.keys.leader())
-            .key(self.keys.watermarks())
-            .arg(lease_value);
-        for (name, slot) in marks {
-            inv.arg(*name).arg(slot.timestamp_millis());
-        }
-        let ok: i64 = inv.invoke_async(&mut c).await?;
-        Ok(ok == 1)
+        self.watermarks_if_leader(&self.scripts.watermark_advance, lease_value, |inv| {
+            for (name, slot) in marks {
+                inv.arg(*name).arg(slot.timestamp_millis());
+            }
+        })
+        .await
     }
 
     /// Forgets the watermarks of schedules that no longer exist, only if
@@ -288,15 +284,29 @@ impl Store {
         if names.is_empty() {
             return Ok(true);
         }
-        let mut c = self.conn();
-        let mut inv = self.scripts.watermark_remove.prepare_invoke();
+        self.watermarks_if_leader(&self.scripts.watermark_remove, lease_value, |inv| {
+            for name in names {
+                inv.arg(name);
+            }
+        })
+        .await
+    }
+
+    /// Runs a watermark script (keys: the lease, the watermarks; first
+    /// argument: `lease_value`; the rest from `args`) that writes only while
+    /// `lease_value` holds the lease. Returns whether it did.
+    async fn watermarks_if_leader(
+        &self,
+        script: &Script,
+        lease_value: &str,
+        args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+    ) -> StoreResult<bool> {
+        let mut inv = script.prepare_invoke();
         inv.key(self.keys.leader())
             .key(self.keys.watermarks())
             .arg(lease_value);
-        for name in names {
-            inv.arg(name);
-        }
-        let ok: i64 = inv.invoke_async(&mut c).await?;
+        args(&mut inv);
+        let ok: i64 = inv.invoke_async(&mut self.conn()).await?;
         Ok(ok == 1)
     }
 
