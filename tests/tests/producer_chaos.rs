@@ -120,11 +120,10 @@ async fn redis_cut_leader_stops_before_its_lease_can_expire_and_leaderships_neve
         );
     }
     let last = rec.snapshot().last().map(|r| r.slot()).expect("messages");
-    assert!(rec
-        .wait_for(Duration::from_secs(10), |r| r.slot()
-            >= last + chrono::Duration::seconds(2))
-        .await
-        .is_some());
+    assert!(
+        rec.reaches(last + chrono::Duration::seconds(2), Duration::from_secs(10))
+            .await
+    );
     fleet.stop_all();
     let got = rec.finish(&env).await;
 

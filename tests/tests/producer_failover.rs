@@ -74,10 +74,8 @@ async fn kill_leaders(
     // Let the last leader publish a few more slots before stopping everyone.
     let last = rec.snapshot().last().map(|r| r.slot()).expect("messages");
     assert!(
-        rec.wait_for(Duration::from_secs(10), |r| r.slot()
-            >= last + chrono::Duration::seconds(2))
-            .await
-            .is_some(),
+        rec.reaches(last + chrono::Duration::seconds(2), Duration::from_secs(10))
+            .await,
         "publishing stopped after the last kill\n{}",
         fleet.log_tails()
     );

@@ -33,10 +33,11 @@ async fn a_redis_failover_loses_no_slot_and_the_lease_moves_to_the_new_primary(e
         .unwrap_or_else(|| panic!("nothing published\n{}", fleet.log_tails()));
     // A few slots on A first.
     assert!(
-        rec.wait_for(Duration::from_secs(10), |r| r.slot()
-            >= first.slot() + chrono::Duration::seconds(2))
-            .await
-            .is_some(),
+        rec.reaches(
+            first.slot() + chrono::Duration::seconds(2),
+            Duration::from_secs(10)
+        )
+        .await,
         "{}",
         fleet.log_tails()
     );
@@ -44,10 +45,11 @@ async fn a_redis_failover_loses_no_slot_and_the_lease_moves_to_the_new_primary(e
     pair.fail_over();
     // Slots keep coming after the failover.
     assert!(
-        rec.wait_for(Duration::from_secs(20), |r| r.slot()
-            >= failed_over_at + chrono::Duration::seconds(4))
-            .await
-            .is_some(),
+        rec.reaches(
+            failed_over_at + chrono::Duration::seconds(4),
+            Duration::from_secs(20)
+        )
+        .await,
         "no slot published after the Redis failover\n{}",
         fleet.log_tails()
     );

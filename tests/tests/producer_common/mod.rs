@@ -146,6 +146,12 @@ impl Recorder {
         }
     }
 
+    /// Whether a message for a slot at or after `slot` arrives within `limit`
+    /// (publishing got that far).
+    pub async fn reaches(&self, slot: DateTime<Utc>, limit: Duration) -> bool {
+        self.wait_for(limit, |r| r.slot() >= slot).await.is_some()
+    }
+
     /// Stops consuming (unacked deliveries go back to the queue) and returns
     /// what was received, followed by whatever is still in the queue of `env`
     /// (those with arrival = now).
