@@ -115,9 +115,21 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn watch(&self, error: &RedisError) {
-        if is_readonly(error) {
+    /// Replaces the manager if `error` is a `READONLY` refusal; says whether it was.
+    fn watch(&self, error: &RedisError) -> bool {
+        let readonly = is_readonly(error);
+        if readonly {
             self.shared.replace(self.generation);
+        }
+        readonly
+    }
+
+    /// [`Conn::watch`] for an error that arrived as a reply value (a command
+    /// of a pipeline, or a single command's reply before conversion).
+    fn watch_value(&self, value: &Value) -> bool {
+        match value {
+            Value::ServerError(e) => self.watch(&e.clone().into()),
+            _ => false,
         }
     }
 }
@@ -134,9 +146,8 @@ impl ConnectionLike for Conn {
             let result = self.manager.req_packed_command(cmd).await;
             match &result {
                 Err(e) => self.watch(e),
-                Ok(Value::ServerError(e)) => self.watch(&e.clone().into()),
-                Ok(_) => {}
-            }
+                Ok(value) => self.watch_value(value),
+            };
             result
         })
     }
@@ -154,17 +165,8 @@ impl ConnectionLike for Conn {
                 .await;
             match &result {
                 Err(e) => self.watch(e),
-                Ok(values) => {
-                    if let Some(e) = values.iter().find_map(|v| match v {
-                        Value::ServerError(e) if e.kind() == Some(ServerErrorKind::ReadOnly) => {
-                            Some(e)
-                        }
-                        _ => None,
-                    }) {
-                        self.watch(&e.clone().into());
-                    }
-                }
-            }
+                Ok(values) => values.iter().any(|v| self.watch_value(v)),
+            };
             result
         })
     }
