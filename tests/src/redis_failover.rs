@@ -112,10 +112,19 @@ impl Server {
 
     /// Waits until every write made on this primary so far has reached its replica.
     pub fn wait_replicated(&self) {
+        // WAIT waits for the calling connection's own writes only, so write a
+        // marker first: the replication stream is one ordered log, and once
+        // the marker is acknowledged every write before it (any client's) is.
+        let mut c = self.client();
+        let _: () = redis::cmd("SET")
+            .arg("cptest-failover:marker")
+            .arg(1)
+            .query(&mut c)
+            .expect("marker write");
         let acked: i64 = redis::cmd("WAIT")
             .arg(1)
             .arg(10_000)
-            .query(&mut self.client())
+            .query(&mut c)
             .expect("WAIT");
         assert_eq!(acked, 1, "the replica did not acknowledge the writes");
     }
