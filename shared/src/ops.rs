@@ -124,8 +124,8 @@ pub async fn serve(
 /// Connections a binary reports readiness on; filled once connected.
 pub type Connections = Arc<OnceLock<(crate::Store, crate::Broker)>>;
 
-/// A readiness check: ready when Redis answers a PING (within 1 s) and the
-/// broker connection is up. `role` adds fields (the producer's leader state).
+/// A readiness check: ready when Redis answers as a primary (within 1 s; see
+/// [`Store::ping`](crate::Store::ping)) and the broker connection is up. `role` adds fields (the producer's leader state).
 pub fn readiness(
     conns: Connections,
     role: Option<Arc<dyn Fn() -> serde_json::Map<String, serde_json::Value> + Send + Sync>>,

@@ -9,7 +9,8 @@
 //! task. [`Conn`] watches replies for `READONLY` and then replaces the manager
 //! with a new one, which resolves the URL again and so reaches whatever serves
 //! it now. The calls that saw `READONLY` still fail; their callers retry them
-//! as they retry any Redis error.
+//! as they retry any Redis error. [`Store::ping`](crate::Store::ping) (the
+//! readiness check) does the same when `ROLE` says the server is a replica.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -63,9 +64,15 @@ impl Shared {
         }
     }
 
+    /// The URL, password hidden.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Replaces generation `seen` with a fresh manager, in the background,
-    /// unless that was done already or is under way.
-    fn replace(self: &Arc<Self>, seen: u64) {
+    /// unless that was done already or is under way. `reason` says why, for
+    /// the log and the metric's label.
+    fn replace(self: &Arc<Self>, seen: u64, reason: Reason) {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner()).0;
         if current != seen || self.rebuilding.swap(true, Ordering::AcqRel) {
             return;
@@ -74,11 +81,22 @@ impl Shared {
             self.rebuilding.store(false, Ordering::Release);
             return;
         };
-        tracing::warn!(
-            redis = %self.url,
-            "Redis answered READONLY: the server behind this connection is a replica now (a failover?); reconnecting to reach the primary"
-        );
-        metrics::counter!("cronpipe_redis_reconnects_total", "reason" => "readonly").increment(1);
+        match &reason {
+            Reason::ReadOnly => tracing::warn!(
+                redis = %self.url,
+                "Redis answered READONLY: the server behind this connection is a replica now (a failover?); reconnecting to reach the primary"
+            ),
+            Reason::Role(role) => tracing::warn!(
+                redis = %self.url,
+                role = %role,
+                "Redis reports it is not the primary (a failover?); reconnecting to reach the primary"
+            ),
+        }
+        let label = match reason {
+            Reason::ReadOnly => "readonly",
+            Reason::Role(_) => "role",
+        };
+        metrics::counter!("cronpipe_redis_reconnects_total", "reason" => label).increment(1);
         let shared = self.clone();
         runtime.spawn(async move {
             let started = tokio::time::Instant::now();
@@ -105,6 +123,14 @@ impl Shared {
     }
 }
 
+/// Why a manager is replaced.
+enum Reason {
+    /// A write was refused `READONLY`.
+    ReadOnly,
+    /// `ROLE` named this role, not `master`.
+    Role(String),
+}
+
 /// A connection to Redis for one or more commands: redis-rs's connection
 /// manager, plus the watch for `READONLY`. Cheap to clone.
 #[derive(Clone)]
@@ -119,9 +145,15 @@ impl Conn {
     fn watch(&self, error: &RedisError) -> bool {
         let readonly = is_readonly(error);
         if readonly {
-            self.shared.replace(self.generation);
+            self.shared.replace(self.generation, Reason::ReadOnly);
         }
         readonly
+    }
+
+    /// Replaces the manager because the server reported `role` (not a primary).
+    pub(crate) fn follow_failover(&self, role: &str) {
+        self.shared
+            .replace(self.generation, Reason::Role(role.to_string()));
     }
 
     /// [`Conn::watch`] for an error that arrived as a reply value (a command

@@ -30,12 +30,24 @@ pub enum StoreError {
     /// Redis answered with data this build cannot read.
     #[error("redis returned unexpected data: {0}")]
     Unexpected(String),
+    /// The server behind the connection is not a primary (a replica after a
+    /// failover, say), so it would refuse every write.
+    #[error("the Redis server behind {url} is a {role}, not the primary; reconnecting")]
+    NotPrimary {
+        /// The configured URL, password hidden.
+        url: String,
+        /// The role it reported (`ROLE`).
+        role: String,
+    },
 }
 
 impl StoreError {
     /// Whether trying again later can succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Redis(_) | StoreError::Connect { .. })
+        matches!(
+            self,
+            StoreError::Redis(_) | StoreError::Connect { .. } | StoreError::NotPrimary { .. }
+        )
     }
 }
 
@@ -158,11 +170,36 @@ impl Store {
         Ok(self.client.get_async_pubsub().await?)
     }
 
-    /// Round trip to Redis.
+    /// Round trip to Redis that also checks the server is a primary (`ROLE`):
+    /// a replica answers reads and `PING` but refuses every write, so after a
+    /// failover the connection would look healthy and be useless. On a
+    /// replica it fails with [`StoreError::NotPrimary`] and reconnects (see
+    /// [`Conn`]), so a process with nothing to write (an idle worker, a
+    /// producer's readiness probe) follows the failover too. A server that
+    /// refuses `ROLE` (renamed or not allowed by ACL) gets a `PING` instead.
     pub async fn ping(&self) -> StoreResult<()> {
         let mut c = self.conn();
-        let _: String = redis::cmd("PING").query_async(&mut c).await?;
-        Ok(())
+        let role: redis::RedisResult<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await;
+        match role {
+            Ok(redis::Value::Array(parts)) => match parts.first() {
+                Some(redis::Value::BulkString(r)) if r.as_slice() != b"master" => {
+                    let role = String::from_utf8_lossy(r).into_owned();
+                    c.follow_failover(&role);
+                    Err(StoreError::NotPrimary {
+                        url: self.conn.url().to_string(),
+                        role,
+                    })
+                }
+                _ => Ok(()),
+            },
+            Ok(_) => Ok(()),
+            // Refused (unknown or not allowed): an error reply has a code.
+            Err(e) if e.code().is_some() => {
+                let _: String = redis::cmd("PING").query_async(&mut c).await?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Tries to take the lease: `Ok(Ok(token))` when taken (the lease value is

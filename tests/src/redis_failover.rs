@@ -62,7 +62,7 @@ impl Server {
     }
 
     fn ping(&self) -> redis::RedisResult<String> {
-        redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?
+        redis::Client::open(self.url())?
             .get_connection()
             .and_then(|mut c| redis::cmd("PING").query(&mut c))
     }

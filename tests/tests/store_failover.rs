@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use cronpipe_shared::store::{Claim, Outcome, Store, StoreError};
-use cronpipe_tests::redis_failover::Pair;
+use cronpipe_tests::redis_failover::{Pair, Server};
 
 /// A store connected through the proxy to A, which B replicates.
 async fn store_on(pair: &Pair) -> Store {
@@ -109,4 +109,57 @@ async fn a_command_refused_readonly_reconnects_to_the_new_primary() {
         pair.b.get(&store.keys().idem("k2")).as_deref(),
         Some("done")
     );
+}
+
+#[tokio::test]
+async fn a_ping_on_the_demoted_primary_fails_and_reconnects_to_the_new_one() {
+    let pair = Pair::start().await;
+    let store = store_on(&pair).await;
+    pair.fail_over();
+    // A still answers PING, as a replica: the readiness check must not take
+    // that for health, since every write there would be refused.
+    let e = store.ping().await.expect_err("A is a replica now");
+    assert!(
+        matches!(&e, StoreError::NotPrimary { role, .. } if role == "slave"),
+        "{e}"
+    );
+    assert!(e.is_transient(), "{e}");
+    // The ping started the reconnect: without any write refused first, the
+    // store reaches B.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = store.ping().await {
+        assert!(Instant::now() < deadline, "still not on B 10 s after: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = store
+        .lease_acquire("p1", Duration::from_secs(30))
+        .await
+        .expect("the first write after the reconnect lands on B")
+        .expect("the lease is free");
+    assert_eq!(
+        pair.b.get(&store.keys().leader()),
+        Some(format!("{token}:p1"))
+    );
+}
+
+#[tokio::test]
+async fn a_ping_where_role_is_not_allowed_checks_with_ping() {
+    let server = Server::start();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "app", "on", ">secret", "~*", "+@all", "-role"])
+        .query(&mut server.client())
+        .expect("ACL SETUSER");
+    let url = server.url().replace("redis://", "redis://app:secret@");
+    let store = Store::connect(&url, "cptest-failover", Duration::from_secs(2))
+        .await
+        .expect("connect as app");
+    let role: redis::RedisResult<redis::Value> = redis::cmd("ROLE")
+        .query_async(&mut store.connection())
+        .await;
+    let refused = role.expect_err("app may not run ROLE");
+    assert_eq!(refused.code(), Some("NOPERM"), "{refused}");
+    store
+        .ping()
+        .await
+        .expect("a primary that refuses ROLE is still ready");
 }
