@@ -388,11 +388,13 @@ async fn task_that_kills_its_worker_every_time_is_dead_lettered_after_max_attemp
 claim_ttl = "1s"
 [task.killer]
 handler = "exec"
-command = ["/bin/sh", "-c", "echo \"$CRONPIPE_ATTEMPT\" >> {dir}/runs; kill -KILL $PPID; sleep 5"]
+command = ["/bin/sh", "-c", "echo \"$CRONPIPE_ATTEMPT\" >> {dir}/runs; kill -KILL $(cut -d' ' -f4 /proc/$PPID/stat); sleep 5"]
 retry = {{ max_attempts = 3, initial_delay = "50ms" }}
 "#
         ),
     );
+    // The program's parent is the exec guard; the worker is the guard's parent
+    // (field 4 of /proc/<pid>/stat).
     let e = Envelope::new("killer", json!(null));
     env.broker.publish(&e).await.expect("publish");
     let mut crashes = 0;
@@ -446,6 +448,85 @@ retry = {{ max_attempts = 3, initial_delay = "50ms" }}
         dead[0].error
     );
     assert_eq!(idem_state(&env, &e.id).await.as_deref(), Some("dead"));
+    env.cleanup().await;
+}
+
+broker_test!(exec_guard_kills_the_whole_task_with_a_sigkilled_worker_and_passes_exit_statuses_on);
+async fn exec_guard_kills_the_whole_task_with_a_sigkilled_worker_and_passes_exit_statuses_on(
+    env: TestEnv,
+) {
+    let dir = env.dir.path().display().to_string();
+    let cfg = env.write_config(
+        "cronpipe.toml",
+        &format!(
+            r#"
+[task.spawner]
+handler = "exec"
+command = ["/bin/sh", "-c", "sleep 1000 & echo $! > {dir}/pid.$CRONPIPE_ATTEMPT; wait"]
+[task.exit3]
+handler = "exec"
+command = ["/bin/sh", "-c", "echo about to fail; exit 3"]
+permanent_exit_codes = [3]
+[task.missing]
+handler = "exec"
+command = ["{dir}/no-such-program"]
+"#
+        ),
+    );
+    let mut a = Proc::start(
+        "worker",
+        &cfg,
+        &[("CRONPIPE__WORKER__INSTANCE_ID", "wa")],
+        env.dir.path(),
+        "wa",
+    );
+    // Through the guard (the `worker` binary runs exec tasks under one), an
+    // exit code and a program that cannot start are reported as without it.
+    for task in ["exit3", "missing"] {
+        env.broker
+            .publish(&Envelope::new(task, json!(null)))
+            .await
+            .expect("publish");
+    }
+    let mut dead = wait_dead_letters(&env, 2, LONG).await;
+    dead.sort_by_key(|d| d.envelope.as_ref().map(|e| e.task.clone()));
+    assert_eq!(dead[0].reason, DeadReason::PermanentError);
+    assert_eq!(dead[0].exit_code, Some(3), "{:?}", dead[0]);
+    assert!(
+        dead[0].error.contains("exited with code 3"),
+        "{}",
+        dead[0].error
+    );
+    assert_eq!(dead[0].output_tail, "about to fail\n");
+    assert_eq!(dead[1].reason, DeadReason::PermanentError);
+    assert!(
+        dead[1].error.contains(&format!(
+            "cannot start `{dir}/no-such-program`: No such file"
+        )),
+        "{}",
+        dead[1].error
+    );
+    // A task whose program started a child of its own: the worker dies, and
+    // the child must die too, not run on beside the retry.
+    env.broker
+        .publish(&Envelope::new("spawner", json!(null)))
+        .await
+        .expect("publish");
+    let grandchild = wait_pid(&env, 1).await;
+    a.signal(Signal::SIGKILL);
+    assert!(a.wait_exit(Duration::from_secs(5)));
+    let gone = wait_until(Duration::from_secs(5), || async {
+        process_gone(grandchild)
+    })
+    .await;
+    if !gone {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(grandchild), Signal::SIGKILL);
+    }
+    assert!(
+        gone,
+        "the task's child {grandchild} survived the SIGKILLed worker\n{}",
+        a.log_text()
+    );
     env.cleanup().await;
 }
 

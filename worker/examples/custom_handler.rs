@@ -17,9 +17,18 @@ use cronpipe_worker::examples_support::{self, Greetings};
 use cronpipe_worker::{Options, Registry};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    match run().await {
+fn main() -> ExitCode {
+    // First, before any thread: when this process was started as the guard of
+    // an exec task, it runs as that and exits here.
+    cronpipe_worker::exec_guard::main_if_requested();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -1,7 +1,8 @@
 //! The built-in `exec` handler: runs a program fixed in config (a message can
 //! never choose what runs), payload as JSON on stdin, envelope fields in the
 //! environment, in its own process group so a timeout kills everything it
-//! started, and (on Linux) killed by the kernel if the worker itself dies.
+//! started, and (on Linux) killed with everything it started if the worker
+//! itself dies (see [`crate::exec_guard`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -33,23 +34,29 @@ pub struct ExecHandler {
     pub tail_bytes: usize,
 }
 
-/// Asks the kernel to SIGKILL the program if the worker dies (SIGKILL, OOM,
-/// abort): otherwise an orphaned program would keep running while another
-/// worker retries the task after the claim expires, and the task would run twice.
+/// Asks the kernel to signal the process the worker starts for a task if the
+/// worker dies (SIGKILL, OOM, abort): SIGTERM to the guard, which then kills
+/// the task's whole group (see [`crate::exec_guard`]), or, without a guard,
+/// SIGKILL to the program itself. Otherwise an orphaned program would keep
+/// running while another worker retries the task after the claim expires,
+/// and the task would run twice.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn die_with_worker(cmd: &mut Command) {
+fn die_with_worker(cmd: &mut Command, guarded: bool) {
+    let signal = if guarded {
+        Signal::SIGTERM
+    } else {
+        Signal::SIGKILL
+    };
     // SAFETY: the closure runs in the forked child before exec and only calls
     // prctl(2), which is async-signal-safe and allocates nothing.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-        });
+        cmd.pre_exec(move || nix::sys::prctl::set_pdeathsig(signal).map_err(std::io::Error::from));
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn die_with_worker(_cmd: &mut Command) {}
+fn die_with_worker(_cmd: &mut Command, _guarded: bool) {}
 
 /// Kills the whole process group when dropped, unless disarmed.
 struct GroupGuard(Option<i32>);
@@ -113,9 +120,16 @@ impl ExecHandler {
         let Some(program) = self.command.first() else {
             return Err(TaskError::permanent("exec handler has no command"));
         };
-        let mut cmd = Command::new(program);
-        cmd.args(&self.command[1..])
-            .envs(&self.env)
+        let args = &self.command[1..];
+        let (mut cmd, guarded) = match crate::exec_guard::command(program, args) {
+            Some(cmd) => (cmd, true),
+            None => {
+                let mut cmd = Command::new(program);
+                cmd.args(args);
+                (cmd, false)
+            }
+        };
+        cmd.envs(&self.env)
             .env("CRONPIPE_TASK_ID", &env.id)
             .env("CRONPIPE_TASK", &env.task)
             .env("CRONPIPE_IDEMPOTENCY_KEY", env.key())
@@ -139,7 +153,7 @@ impl ExecHandler {
         if let Some(dir) = &self.workdir {
             cmd.current_dir(dir);
         }
-        die_with_worker(&mut cmd);
+        die_with_worker(&mut cmd, guarded);
         let mut child = cmd.spawn().map_err(|e| TaskError::Permanent {
             message: format!("cannot start `{program}`: {e}"),
             detail: FailureDetail::default(),
@@ -185,6 +199,17 @@ impl ExecHandler {
                 let output_tail = joined_tail(&o, &e, cap);
                 let status = status.map_err(|e| TaskError::retryable(format!("waiting for `{program}`: {e}")))?;
                 match status.code() {
+                    Some(crate::exec_guard::CANNOT_START) if guarded => match crate::exec_guard::cannot_start(&e) {
+                        Some(why) => Err(TaskError::Permanent {
+                            message: format!("cannot start `{program}`: {why}"),
+                            detail: FailureDetail::default(),
+                        }),
+                        None => Err(TaskError::Retryable {
+                            message: format!("`{program}` exited with code {}", crate::exec_guard::CANNOT_START),
+                            retry_after: None,
+                            detail: FailureDetail { exit_code: Some(crate::exec_guard::CANNOT_START), http_status: None, output_tail },
+                        }),
+                    },
                     Some(0) => {
                         tracing::info!(task_id = %env.id, task = %env.task, output_tail = %output_tail, "Exec task exited 0");
                         Ok(())

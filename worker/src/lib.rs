@@ -11,6 +11,7 @@
 pub mod dlq;
 pub mod examples_support;
 pub mod exec;
+pub mod exec_guard;
 pub mod handler;
 pub mod history;
 pub mod http;

@@ -67,6 +67,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Exec tasks run under a guard, a second copy of this binary (see
+    // `cronpipe_worker::exec_guard`); when this process is one, it runs here.
+    cronpipe_worker::exec_guard::main_if_requested();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => check(&config),
