@@ -470,6 +470,11 @@ permanent_exit_codes = [3]
 [task.missing]
 handler = "exec"
 command = ["{dir}/no-such-program"]
+[task.hang]
+handler = "exec"
+timeout = "1s"
+command = ["/bin/sh", "-c", "sleep 1000 & echo $! > {dir}/hang.pid; wait"]
+retry = {{ max_attempts = 1 }}
 "#
         ),
     );
@@ -482,14 +487,26 @@ command = ["{dir}/no-such-program"]
     );
     // Through the guard (the `worker` binary runs exec tasks under one), an
     // exit code and a program that cannot start are reported as without it.
-    for task in ["exit3", "missing"] {
+    // A timeout kills the whole group, the guard's included.
+    for task in ["exit3", "missing", "hang"] {
         env.broker
             .publish(&Envelope::new(task, json!(null)))
             .await
             .expect("publish");
     }
-    let mut dead = wait_dead_letters(&env, 2, LONG).await;
+    let mut dead = wait_dead_letters(&env, 3, LONG).await;
     dead.sort_by_key(|d| d.envelope.as_ref().map(|e| e.task.clone()));
+    let hang = dead.remove(1);
+    assert!(hang.error.contains("timed out after 1s"), "{}", hang.error);
+    let hung: i32 = std::fs::read_to_string(env.dir.path().join("hang.pid"))
+        .expect("the hang task wrote its child's pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert!(
+        wait_until(Duration::from_secs(5), || async { process_gone(hung) }).await,
+        "the timed-out task's child {hung} survived"
+    );
     assert_eq!(dead[0].reason, DeadReason::PermanentError);
     assert_eq!(dead[0].exit_code, Some(3), "{:?}", dead[0]);
     assert!(
