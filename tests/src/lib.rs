@@ -126,6 +126,8 @@ pub struct TestEnv {
     pub(crate) cluster: Option<Cluster>,
     /// Kafka: how far [`TestEnv::drain`] took each partition, by topic.
     pub(crate) taken: kafka::Taken,
+    /// Set by [`TestEnv::cleanup`]; otherwise dropping the world cleans up.
+    cleaned: bool,
 }
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes; returns whether it held.
@@ -207,6 +209,7 @@ impl TestEnv {
             broker,
             cluster: None,
             taken: Default::default(),
+            cleaned: false,
         }
     }
 
@@ -247,6 +250,7 @@ impl TestEnv {
             broker,
             cluster: Some(cluster),
             taken: Default::default(),
+            cleaned: false,
         }
     }
 
@@ -457,7 +461,7 @@ queue = "{queue}"
     /// declared included); Kafka on an external broker, the three topics (a
     /// mock cluster goes with its last world); every Redis key of the
     /// namespace.
-    pub async fn cleanup(self) {
+    pub async fn cleanup(mut self) {
         match &self.cluster {
             None => {
                 let _ = self.rabbit().delete_topology().await;
@@ -467,16 +471,8 @@ queue = "{queue}"
             Some(Cluster::Mock(_)) => {}
         }
         let mut conn = self.store.connection();
-        let pattern = format!(
-            "{}*",
-            self.store
-                .keys()
-                .prefix()
-                .replace('{', "\\{")
-                .replace('}', "\\}")
-        );
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(&pattern)
+            .arg(key_pattern(self.store.keys().prefix()))
             .query_async(&mut conn)
             .await
             .unwrap_or_default();
@@ -484,6 +480,48 @@ queue = "{queue}"
             let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
         }
         self.broker.close().await;
+        self.cleaned = true;
+    }
+}
+
+/// A `KEYS` pattern for every key under `prefix` (its hash-tag braces escaped).
+fn key_pattern(prefix: &str) -> String {
+    format!("{}*", prefix.replace('{', "\\{").replace('}', "\\}"))
+}
+
+impl Drop for TestEnv {
+    /// A test that failed (panicked) never reached [`TestEnv::cleanup`]: its
+    /// RabbitMQ queues and Redis keys are removed here instead, so failing
+    /// runs leave nothing behind either. On a thread of its own, since this
+    /// may run on the test's runtime.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let queue = self.cluster.is_none().then(|| self.queue.clone());
+        let pattern = key_pattern(self.store.keys().prefix());
+        let _ = std::thread::spawn(move || {
+            if let Some(queue) = queue {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    rt.block_on(delete_rabbit_queues_named_after(&queue));
+                }
+            }
+            let Ok(mut conn) = redis::Client::open(redis_url()).and_then(|c| c.get_connection())
+            else {
+                return;
+            };
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query(&mut conn)
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query(&mut conn);
+            }
+        })
+        .join();
     }
 }
 

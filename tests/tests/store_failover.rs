@@ -163,3 +163,45 @@ async fn a_ping_where_role_is_not_allowed_checks_with_ping() {
         .await
         .expect("a primary that refuses ROLE is still ready");
 }
+
+#[tokio::test]
+async fn writes_refused_for_want_of_replicas_fail_as_transient_errors_and_resume() {
+    // Redis's own guard against losing writes in a failover: with
+    // `min-replicas-to-write 1` and no replica, the primary refuses writes.
+    let server = Server::start();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "min-replicas-to-write", "1"])
+        .query(&mut server.client())
+        .expect("CONFIG SET");
+    let store = Store::connect(&server.url(), "cptest-failover", Duration::from_secs(2))
+        .await
+        .expect("connect");
+    let ttl = Duration::from_secs(30);
+    let e = store
+        .claim("k", "w1", ttl, ttl)
+        .await
+        .expect_err("no replica to write with");
+    assert!(e.to_string().contains("NOREPLICAS"), "{e}");
+    assert!(
+        e.is_transient(),
+        "worth retrying once replicas are back: {e}"
+    );
+    let e = store
+        .lease_acquire("p1", ttl)
+        .await
+        .expect_err("no replica to write with");
+    assert!(e.to_string().contains("NOREPLICAS"), "{e}");
+    // It is still the primary, so ready.
+    store.ping().await.expect("a primary");
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "min-replicas-to-write", "0"])
+        .query(&mut server.client())
+        .expect("CONFIG SET");
+    assert_eq!(
+        store
+            .claim("k", "w1", ttl, ttl)
+            .await
+            .expect("writes again"),
+        Claim::Claimed { attempt: 1 }
+    );
+}
