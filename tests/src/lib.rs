@@ -311,6 +311,17 @@ queue = "{queue}"
         scratch::write_config(self.dir.path(), &self.base_toml(), file, extra)
     }
 
+    /// A `worker` process on `cfg` with instance id (and log name) `id`.
+    pub fn worker_process(&self, cfg: &Path, id: &str) -> Proc {
+        Proc::start(
+            "worker",
+            cfg,
+            &[("CRONPIPE__WORKER__INSTANCE_ID", id)],
+            self.dir.path(),
+            id,
+        )
+    }
+
     /// Parses `base_toml() + extra` into a validated config (written to `cronpipe.toml`).
     pub fn config(&self, extra: &str) -> Config {
         scratch::config(self.dir.path(), &self.base_toml(), extra)

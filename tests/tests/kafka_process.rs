@@ -134,16 +134,6 @@ fn process_gone(pid: i32) -> bool {
     }
 }
 
-fn worker(env: &TestEnv, cfg: &std::path::Path, id: &str) -> Proc {
-    Proc::start(
-        "worker",
-        cfg,
-        &[("CRONPIPE__WORKER__INSTANCE_ID", id)],
-        env.dir.path(),
-        id,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs CRONPIPE_TEST_KAFKA_BROKERS (scripts/kafka-broker)"]
 async fn topics_are_created_at_startup_with_the_configured_partitions() {
@@ -169,8 +159,8 @@ async fn two_worker_processes_in_one_group_run_each_task_once() {
         "cronpipe.toml",
         &format!("[worker]\nconcurrency = 4\n{}", logged_task(&env, "0.05")),
     );
-    let a = worker(&env, &cfg, "wa");
-    let b = worker(&env, &cfg, "wb");
+    let a = env.worker_process(&cfg, "wa");
+    let b = env.worker_process(&cfg, "wb");
     wait_shared(&env, &a, &b).await;
     let mut ids = publish_jobs(&env, 40).await;
     ids.extend(publish_jobs(&env, 40).await);
@@ -240,8 +230,8 @@ async fn a_sigkilled_worker_leaves_exactly_its_unfinished_tasks_to_the_survivor(
             logged_task(&env, "1")
         ),
     );
-    let mut a = worker(&env, &cfg, "wa");
-    let b = worker(&env, &cfg, "wb");
+    let mut a = env.worker_process(&cfg, "wa");
+    let b = env.worker_process(&cfg, "wb");
     wait_shared(&env, &a, &b).await;
     let ids = publish_jobs(&env, 24).await;
     assert!(

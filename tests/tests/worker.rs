@@ -299,13 +299,7 @@ command = ["/bin/sh", "-c", "echo \"start $CRONPIPE_ATTEMPT $CRONPIPE_WORKER\" >
         ),
     );
     let runs = || std::fs::read_to_string(env.dir.path().join("runs")).unwrap_or_default();
-    let mut a = Proc::start(
-        "worker",
-        &cfg,
-        &[("CRONPIPE__WORKER__INSTANCE_ID", "wa")],
-        env.dir.path(),
-        "wa",
-    );
+    let mut a = env.worker_process(&cfg, "wa");
     let e = Envelope::new("slow", json!(null));
     env.broker.publish(&e).await.expect("publish");
     let started = wait_until(LONG, || async { runs().contains("start 1 wa") }).await;
@@ -319,13 +313,7 @@ command = ["/bin/sh", "-c", "echo \"start $CRONPIPE_ATTEMPT $CRONPIPE_WORKER\" >
         wait_until(Duration::from_secs(5), || async { process_gone(pid1) }).await,
         "the task of the killed worker survived it (pid {pid1})"
     );
-    let b = Proc::start(
-        "worker",
-        &cfg,
-        &[("CRONPIPE__WORKER__INSTANCE_ID", "wb")],
-        env.dir.path(),
-        "wb",
-    );
+    let b = env.worker_process(&cfg, "wb");
     assert!(
         wait_until(LONG, || async { runs().contains("start 2 wb") }).await,
         "worker b took the task over\n{}",
@@ -478,13 +466,7 @@ retry = {{ max_attempts = 1 }}
 "#
         ),
     );
-    let mut a = Proc::start(
-        "worker",
-        &cfg,
-        &[("CRONPIPE__WORKER__INSTANCE_ID", "wa")],
-        env.dir.path(),
-        "wa",
-    );
+    let mut a = env.worker_process(&cfg, "wa");
     // Through the guard (the `worker` binary runs exec tasks under one), an
     // exit code and a program that cannot start are reported as without it.
     // A timeout kills the whole group, the guard's included.
