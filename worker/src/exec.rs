@@ -58,6 +58,57 @@ fn die_with_worker(cmd: &mut Command, guarded: bool) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_worker(_cmd: &mut Command, _guarded: bool) {}
 
+/// One request to the spawner thread: the command, the runtime its child
+/// belongs to, and where the child goes.
+type SpawnJob = (
+    Command,
+    tokio::runtime::Handle,
+    tokio::sync::oneshot::Sender<std::io::Result<tokio::process::Child>>,
+);
+
+/// Starts `cmd` from a thread that lives as long as the process.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, not the
+/// process, and a runtime thread can exit while the worker runs on: after
+/// `tokio::task::block_in_place` (the Kafka consumer's rebalance callback
+/// waits in one) it ends up in the blocking pool and exits once idle. A
+/// program forked from it would then be killed mid-run. So every program is
+/// forked from one dedicated thread, which never exits; if that thread cannot
+/// be started, from the calling thread as before.
+async fn spawn_from_lasting_thread(mut cmd: Command) -> std::io::Result<tokio::process::Child> {
+    use std::sync::mpsc;
+    use std::sync::OnceLock;
+    static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("cronpipe-exec-spawner".into())
+            .spawn(move || {
+                for (mut cmd, runtime, reply) in rx {
+                    let _entered = runtime.enter();
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .map_err(|e| tracing::warn!(error = %e, "Could not start the exec spawner thread; programs are started from runtime threads"))
+            .ok()
+            .map(|_| tx)
+    });
+    let Some(spawner) = spawner else {
+        return cmd.spawn();
+    };
+    let (reply, child) = tokio::sync::oneshot::channel();
+    let job = (cmd, tokio::runtime::Handle::current(), reply);
+    match spawner.send(job) {
+        Ok(()) => child.await.unwrap_or_else(|_| {
+            Err(std::io::Error::other(
+                "the exec spawner thread dropped the request",
+            ))
+        }),
+        // The thread is gone (it never exits, so this is not expected): start it here.
+        Err(mpsc::SendError((mut cmd, _, _))) => cmd.spawn(),
+    }
+}
+
 /// Kills the whole process group when dropped, unless disarmed.
 struct GroupGuard(Option<i32>);
 
@@ -154,10 +205,12 @@ impl ExecHandler {
             cmd.current_dir(dir);
         }
         die_with_worker(&mut cmd, guarded);
-        let mut child = cmd.spawn().map_err(|e| TaskError::Permanent {
-            message: format!("cannot start `{program}`: {e}"),
-            detail: FailureDetail::default(),
-        })?;
+        let mut child = spawn_from_lasting_thread(cmd)
+            .await
+            .map_err(|e| TaskError::Permanent {
+                message: format!("cannot start `{program}`: {e}"),
+                detail: FailureDetail::default(),
+            })?;
         let mut guard = GroupGuard(child.id().and_then(|p| i32::try_from(p).ok()));
         let payload = serde_json::to_vec(&env.payload).unwrap_or_default();
         // Feeding stdin and reading the output run beside the wait, so a chatty
@@ -245,5 +298,59 @@ impl ExecHandler {
 impl Handler for ExecHandler {
     fn handle(&self, task: Task) -> BoxFuture<'static, Result<(), TaskError>> {
         Box::pin(self.clone().run(task))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use cronpipe_shared::Envelope;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    /// `PR_SET_PDEATHSIG` fires when the *thread* that started the program
+    /// exits, not the process. A runtime thread can leave the runtime and
+    /// exit (after `block_in_place`, which the Kafka consumer uses during a
+    /// rebalance, it idles in the blocking pool for `thread_keep_alive`), and
+    /// a program it had started must not be killed with it.
+    #[test]
+    fn a_program_outlives_the_runtime_thread_that_started_it() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_keep_alive(Duration::from_millis(50))
+            .enable_all()
+            .build()
+            .unwrap();
+        let handler = ExecHandler {
+            command: vec!["/bin/sh".into(), "-c".into(), "sleep 1; exit 0".into()],
+            env: BTreeMap::new(),
+            workdir: None,
+            permanent_exit_codes: vec![],
+            tail_bytes: 1024,
+        };
+        let task = Task {
+            envelope: Envelope::new("t", serde_json::Value::Null),
+            attempt: 1,
+            worker: "w".into(),
+            cancel: CancellationToken::new(),
+        };
+        let result = rt.block_on(async move {
+            tokio::spawn(async move {
+                let mut run = handler.handle(task);
+                // The first poll starts the program, on this thread.
+                assert!(futures::poll!(&mut run).is_pending());
+                // This thread leaves the runtime when the task next waits,
+                // and exits 50 ms later.
+                tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(100)));
+                run.await
+            })
+            .await
+            .unwrap()
+        });
+        assert!(result.is_ok(), "{result:?}");
     }
 }
