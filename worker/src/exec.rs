@@ -58,6 +58,20 @@ fn die_with_worker(cmd: &mut Command, guarded: bool) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_worker(_cmd: &mut Command, _guarded: bool) {}
 
+/// The failure of a program that could not start: retried when the cause
+/// may pass, permanent otherwise.
+fn cannot_start(program: &str, why: String, transient: bool) -> TaskError {
+    let message = format!("cannot start `{program}`: {why}");
+    if transient {
+        TaskError::retryable(message)
+    } else {
+        TaskError::Permanent {
+            message,
+            detail: FailureDetail::default(),
+        }
+    }
+}
+
 /// One request to the spawner thread: the command, the runtime its child
 /// belongs to, and where the child goes.
 type SpawnJob = (
@@ -205,12 +219,10 @@ impl ExecHandler {
             cmd.current_dir(dir);
         }
         die_with_worker(&mut cmd, guarded);
-        let mut child = spawn_from_lasting_thread(cmd)
-            .await
-            .map_err(|e| TaskError::Permanent {
-                message: format!("cannot start `{program}`: {e}"),
-                detail: FailureDetail::default(),
-            })?;
+        let mut child = spawn_from_lasting_thread(cmd).await.map_err(|e| {
+            let transient = crate::exec_guard::spawn_error_is_transient(&e);
+            cannot_start(program, e.to_string(), transient)
+        })?;
         let mut guard = GroupGuard(child.id().and_then(|p| i32::try_from(p).ok()));
         let payload = serde_json::to_vec(&env.payload).unwrap_or_default();
         // Feeding stdin and reading the output run beside the wait, so a chatty
@@ -253,10 +265,7 @@ impl ExecHandler {
                 let status = status.map_err(|e| TaskError::retryable(format!("waiting for `{program}`: {e}")))?;
                 match status.code() {
                     Some(crate::exec_guard::CANNOT_START) if guarded => match crate::exec_guard::cannot_start(&e) {
-                        Some(why) => Err(TaskError::Permanent {
-                            message: format!("cannot start `{program}`: {why}"),
-                            detail: FailureDetail::default(),
-                        }),
+                        Some((why, transient)) => Err(cannot_start(program, why, transient)),
                         None => Err(TaskError::Retryable {
                             message: format!("`{program}` exited with code {}", crate::exec_guard::CANNOT_START),
                             retry_after: None,

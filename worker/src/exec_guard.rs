@@ -20,7 +20,26 @@ const ARG: &str = "__cronpipe-exec-guard";
 /// The guard's exit code when it could not start the program.
 pub(crate) const CANNOT_START: i32 = 127;
 /// How the guard's message about that begins on stderr.
-pub(crate) const CANNOT_START_MARK: &str = "cronpipe-exec-guard: cannot start: ";
+const CANNOT_START_MARK: &str = "cronpipe-exec-guard: cannot start: ";
+/// The same, when the cause may pass (see [`spawn_error_is_transient`]).
+const CANNOT_START_NOW_MARK: &str = "cronpipe-exec-guard: cannot start now: ";
+
+/// Whether a failure to start a program may pass: the system is out of
+/// processes, memory or file descriptors, or the file is being written. The
+/// task is then retried; otherwise (no such program, not executable) it can
+/// never start, and is dead-lettered at once.
+pub(crate) fn spawn_error_is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            nix::libc::EAGAIN
+                | nix::libc::ENOMEM
+                | nix::libc::EMFILE
+                | nix::libc::ENFILE
+                | nix::libc::ETXTBSY
+        )
+    )
+}
 
 /// The binary to run as guard; set by [`main_if_requested`].
 static GUARD: OnceLock<&'static str> = OnceLock::new();
@@ -51,11 +70,17 @@ pub(crate) fn command(program: &str, args: &[String]) -> Option<tokio::process::
     Some(cmd)
 }
 
-/// The guard's message on stderr, when it could not start the program.
-pub(crate) fn cannot_start(stderr: &[u8]) -> Option<String> {
-    String::from_utf8_lossy(stderr)
-        .lines()
-        .find_map(|l| l.strip_prefix(CANNOT_START_MARK).map(str::to_string))
+/// The guard's message on stderr when it could not start the program, and
+/// whether the cause may pass.
+pub(crate) fn cannot_start(stderr: &[u8]) -> Option<(String, bool)> {
+    String::from_utf8_lossy(stderr).lines().find_map(|l| {
+        if let Some(why) = l.strip_prefix(CANNOT_START_NOW_MARK) {
+            Some((why.to_string(), true))
+        } else {
+            l.strip_prefix(CANNOT_START_MARK)
+                .map(|why| (why.to_string(), false))
+        }
+    })
 }
 
 #[cfg(target_os = "linux")]
@@ -95,7 +120,7 @@ fn guard(args: Vec<OsString>) -> i32 {
     );
     // SAFETY: the handler only calls killpg(2), which is async-signal-safe.
     if let Err(e) = unsafe { sigaction(Signal::SIGTERM, &on_death) } {
-        eprintln!("{CANNOT_START_MARK}installing the guard's SIGTERM handler: {e}");
+        eprintln!("{CANNOT_START_NOW_MARK}installing the guard's SIGTERM handler: {e}");
         return CANNOT_START;
     }
     // The worker may have died before the handler was there.
@@ -116,7 +141,12 @@ fn guard(args: Vec<OsString>) -> i32 {
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
-            eprintln!("{CANNOT_START_MARK}{e}");
+            let mark = if spawn_error_is_transient(&e) {
+                CANNOT_START_NOW_MARK
+            } else {
+                CANNOT_START_MARK
+            };
+            eprintln!("{mark}{e}");
             return CANNOT_START;
         }
     };
@@ -147,4 +177,28 @@ fn guard(args: Vec<OsString>) -> i32 {
 fn guard(_args: Vec<OsString>) -> i32 {
     eprintln!("{ARG}: the exec guard runs on Linux only");
     2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guards_cannot_start_message_says_whether_it_may_pass() {
+        let missing = std::io::Error::from_raw_os_error(nix::libc::ENOENT);
+        let busy = std::io::Error::from_raw_os_error(nix::libc::EAGAIN);
+        assert!(!spawn_error_is_transient(&missing));
+        assert!(spawn_error_is_transient(&busy));
+        let stderr = format!("noise\n{CANNOT_START_MARK}{missing}\n");
+        assert_eq!(
+            cannot_start(stderr.as_bytes()),
+            Some((missing.to_string(), false))
+        );
+        let stderr = format!("{CANNOT_START_NOW_MARK}{busy}\n");
+        assert_eq!(
+            cannot_start(stderr.as_bytes()),
+            Some((busy.to_string(), true))
+        );
+        assert_eq!(cannot_start(b"exit 127 from the program itself\n"), None);
+    }
 }
