@@ -110,6 +110,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn bench() -> anyhow::Result<()> {
+    // RUST_LOG=warn (say) shows what the paths log; off by default.
+    if std::env::var_os("RUST_LOG").is_some() {
+        cronpipe_shared::telemetry::init_logging(&Default::default());
+    }
     let mut args = std::env::args().skip(1).collect::<Vec<_>>().into_iter();
     let mut arg = |name: &str, default: usize| -> anyhow::Result<usize> {
         Ok(args
