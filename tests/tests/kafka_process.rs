@@ -1,5 +1,6 @@
-//! Kafka tests with real `worker` processes: two in one consumer group, and a
-//! worker SIGKILLed with uncommitted messages. They run against librdkafka's
+//! Kafka tests with real `worker` processes: two in one consumer group, a
+//! worker SIGKILLed with uncommitted messages, and one whose slots stay busy
+//! long enough for its partitions to be paused and resumed. They run against librdkafka's
 //! mock cluster, which lives in this test process but listens on TCP, so the
 //! workers reach it like any broker; with `CRONPIPE_TEST_KAFKA_BROKERS` set
 //! (`scripts/kafka-broker` starts one), against that broker instead. Topic
@@ -345,5 +346,59 @@ async fn a_sigkilled_worker_leaves_exactly_its_unfinished_tasks_to_the_survivor(
     );
     b.signal(Signal::SIGTERM);
     drop(b);
+    env.cleanup().await;
+}
+
+/// When every worker slot stays busy for 5 s while messages wait, the
+/// consumer pauses its partitions (so it goes on polling, for rebalances and
+/// `max.poll.interval.ms`) and resumes them once the backlog has drained.
+/// Nothing is lost or run twice on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_busy_for_seconds_pauses_and_resumes_its_partitions_losing_nothing() {
+    let env = TestEnv::kafka_external_or_mock("kafka-pause", 1).await;
+    let cfg = env.write_config(
+        "cronpipe.toml",
+        &format!(
+            r#"
+[worker]
+concurrency = 1
+[task.slow]
+handler = "exec"
+command = ["/bin/sh", "-c", "sleep 6"]
+[task.job]
+handler = "exec"
+command = ["/bin/sh", "-c", "echo \"$CRONPIPE_TASK_ID\" >> {f}"]
+"#,
+            f = env.runs_file().display()
+        ),
+    );
+    // The slow task takes the one slot; more jobs than the consumer keeps
+    // waiting (256 at concurrency 1) queue up behind it on the one partition.
+    env.broker
+        .publish(&Envelope::new("slow", serde_json::json!(null)))
+        .await
+        .expect("publish");
+    let ids = publish_jobs(&env, 400).await;
+    let w = env.worker_process(&cfg, "wp");
+    let all_ran = wait_until(Duration::from_secs(60), || async {
+        env.runs().len() >= ids.len()
+    })
+    .await;
+    let log = w.log_text();
+    assert!(
+        all_ran,
+        "{} of {} jobs ran\n{log}",
+        env.runs().len(),
+        ids.len()
+    );
+    let ran = env.runs();
+    assert_eq!(ran.len(), ids.len(), "a job ran twice");
+    assert_eq!(
+        ran.into_iter().collect::<HashSet<_>>(),
+        ids.iter().cloned().collect::<HashSet<_>>()
+    );
+    assert!(log.contains("pausing the partitions"), "{log}");
+    assert!(log.contains("resumed the paused partitions"), "{log}");
+    drop(w);
     env.cleanup().await;
 }

@@ -1282,10 +1282,18 @@ impl PollLoop {
             .stalled_since
             .is_some_and(|at| at.elapsed() >= STALL_PAUSE);
         if stalled && !self.bp_paused {
-            if let Ok(all) = self.consumer.assignment() {
-                if let Err(e) = self.consumer.pause(&all) {
-                    tracing::warn!(error = %e, "Could not pause partitions");
+            match self.consumer.assignment() {
+                Ok(all) => {
+                    tracing::info!(
+                        partitions = all.count(),
+                        waiting = self.overflow.len(),
+                        "Every worker slot stayed busy for {STALL_PAUSE:?}: pausing the partitions until the backlog drains"
+                    );
+                    if let Err(e) = self.consumer.pause(&all) {
+                        tracing::warn!(error = %e, "Could not pause partitions");
+                    }
                 }
+                Err(e) => tracing::warn!(error = %e, "Could not read the assignment to pause it"),
             }
             self.bp_paused = true;
         }
@@ -1296,19 +1304,36 @@ impl PollLoop {
             self.stalled_since = None;
         }
         if self.bp_paused && self.overflow.len() <= self.low {
-            self.bp_paused = false;
+            // Until the resume is done the partitions stay marked paused, so
+            // a failure here is tried again on the next tick instead of
+            // leaving them paused for good.
+            let all = match self.consumer.assignment() {
+                Ok(all) => all,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Could not read the assignment to resume it; trying again");
+                    return;
+                }
+            };
             let mut tpl = TopicPartitionList::new();
-            if let Ok(all) = self.consumer.assignment() {
-                for e in all.elements() {
-                    let held = self.shared.topics.lane(e.topic()) == Some(Lane::Retry)
-                        && self.held.contains_key(&e.partition());
-                    if !held {
-                        tpl.add_partition(e.topic(), e.partition());
-                    }
+            for e in all.elements() {
+                let held = self.shared.topics.lane(e.topic()) == Some(Lane::Retry)
+                    && self.held.contains_key(&e.partition());
+                if !held {
+                    tpl.add_partition(e.topic(), e.partition());
                 }
             }
-            if let Err(e) = self.consumer.resume(&tpl) {
-                tracing::warn!(error = %e, "Could not resume partitions");
+            match self.consumer.resume(&tpl) {
+                Ok(()) => {
+                    self.bp_paused = false;
+                    tracing::info!(
+                        partitions = tpl.count(),
+                        waiting = self.overflow.len(),
+                        "Backlog drained: resumed the paused partitions"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Could not resume partitions; trying again")
+                }
             }
         }
     }
