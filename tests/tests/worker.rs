@@ -458,6 +458,10 @@ permanent_exit_codes = [3]
 [task.missing]
 handler = "exec"
 command = ["{dir}/no-such-program"]
+[task.exit127]
+handler = "exec"
+command = ["/bin/sh", "-c", "exit 127"]
+permanent_exit_codes = [127]
 [task.hang]
 handler = "exec"
 timeout = "1s"
@@ -470,15 +474,20 @@ retry = {{ max_attempts = 1 }}
     // Through the guard (the `worker` binary runs exec tasks under one), an
     // exit code and a program that cannot start are reported as without it.
     // A timeout kills the whole group, the guard's included.
-    for task in ["exit3", "missing", "hang"] {
+    // The program's own exit code 127 (the guard's code for "cannot start")
+    // is the program's, and `permanent_exit_codes` holds for it.
+    for task in ["exit3", "missing", "exit127", "hang"] {
         env.broker
             .publish(&Envelope::new(task, json!(null)))
             .await
             .expect("publish");
     }
-    let mut dead = wait_dead_letters(&env, 3, LONG).await;
-    dead.sort_by_key(|d| d.envelope.as_ref().map(|e| e.task.clone()));
-    let hang = dead.remove(1);
+    let dead: HashMap<String, _> = wait_dead_letters(&env, 4, LONG)
+        .await
+        .into_iter()
+        .map(|d| (d.envelope.as_ref().unwrap().task.clone(), d))
+        .collect();
+    let hang = &dead["hang"];
     assert!(hang.error.contains("timed out after 1s"), "{}", hang.error);
     let hung: i32 = std::fs::read_to_string(env.dir.path().join("hang.pid"))
         .expect("the hang task wrote its child's pid")
@@ -489,21 +498,31 @@ retry = {{ max_attempts = 1 }}
         wait_until(Duration::from_secs(5), || async { process_gone(hung) }).await,
         "the timed-out task's child {hung} survived"
     );
-    assert_eq!(dead[0].reason, DeadReason::PermanentError);
-    assert_eq!(dead[0].exit_code, Some(3), "{:?}", dead[0]);
+    let exit3 = &dead["exit3"];
+    assert_eq!(exit3.reason, DeadReason::PermanentError);
+    assert_eq!(exit3.exit_code, Some(3), "{exit3:?}");
     assert!(
-        dead[0].error.contains("exited with code 3"),
+        exit3.error.contains("exited with code 3"),
         "{}",
-        dead[0].error
+        exit3.error
     );
-    assert_eq!(dead[0].output_tail, "about to fail\n");
-    assert_eq!(dead[1].reason, DeadReason::PermanentError);
+    assert_eq!(exit3.output_tail, "about to fail\n");
+    let exit127 = &dead["exit127"];
+    assert_eq!(exit127.reason, DeadReason::PermanentError, "{exit127:?}");
+    assert_eq!(exit127.exit_code, Some(127), "{exit127:?}");
     assert!(
-        dead[1].error.contains(&format!(
+        exit127.error.contains("exited with code 127"),
+        "{}",
+        exit127.error
+    );
+    let missing = &dead["missing"];
+    assert_eq!(missing.reason, DeadReason::PermanentError);
+    assert!(
+        missing.error.contains(&format!(
             "cannot start `{dir}/no-such-program`: No such file"
         )),
         "{}",
-        dead[1].error
+        missing.error
     );
     // A task whose program started a child of its own: the worker dies, and
     // the child must die too, not run on beside the retry.

@@ -263,15 +263,14 @@ impl ExecHandler {
             (o, e, status) = wait => {
                 let output_tail = joined_tail(&o, &e, cap);
                 let status = status.map_err(|e| TaskError::retryable(format!("waiting for `{program}`: {e}")))?;
+                // The guard's own report that the program never started; an
+                // exit code 127 of the program itself goes the usual way below.
+                if guarded && status.code() == Some(crate::exec_guard::CANNOT_START) {
+                    if let Some((why, transient)) = crate::exec_guard::cannot_start(&e) {
+                        return Err(cannot_start(program, why, transient));
+                    }
+                }
                 match status.code() {
-                    Some(crate::exec_guard::CANNOT_START) if guarded => match crate::exec_guard::cannot_start(&e) {
-                        Some((why, transient)) => Err(cannot_start(program, why, transient)),
-                        None => Err(TaskError::Retryable {
-                            message: format!("`{program}` exited with code {}", crate::exec_guard::CANNOT_START),
-                            retry_after: None,
-                            detail: FailureDetail { exit_code: Some(crate::exec_guard::CANNOT_START), http_status: None, output_tail },
-                        }),
-                    },
                     Some(0) => {
                         tracing::info!(task_id = %env.id, task = %env.task, output_tail = %output_tail, "Exec task exited 0");
                         Ok(())
