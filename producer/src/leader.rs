@@ -166,7 +166,7 @@ pub async fn acquire(
                 (left + Duration::from_millis(5)).min(timing.ttl)
             }
             Err(e) => {
-                tracing::warn!(error = %e, "Cannot reach Redis to contend for leadership; retrying");
+                tracing::warn!(error = %e, "Could not contend for leadership (Redis refused, did not answer, or its replicas did not acknowledge the lease); retrying");
                 timing.renew_every().min(Duration::from_secs(1))
             }
         };

@@ -58,6 +58,12 @@ pub struct RedisConfig {
     pub url: String,
     /// Prefix of every key cronpipe writes; separate deployments use separate namespaces.
     pub namespace: String,
+    /// Replicas that must hold a leader-lease, fencing or watermark write
+    /// (Redis `WAIT`) before the producer counts it; 0 (the default) does not
+    /// wait. See [`crate::Store::with_replica_wait`].
+    pub wait_replicas: u32,
+    /// How long one such write waits for those replicas.
+    pub wait_timeout: Dur,
 }
 
 impl Default for RedisConfig {
@@ -65,6 +71,8 @@ impl Default for RedisConfig {
         RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             namespace: "cronpipe".into(),
+            wait_replicas: 0,
+            wait_timeout: Dur::millis(250),
         }
     }
 }
@@ -641,6 +649,22 @@ impl Config {
                 quoted(&self.redis.namespace),
                 NAME_RULE.into(),
             );
+        }
+        if self.redis.wait_replicas > 0 {
+            let wait = self.redis.wait_timeout.get();
+            let most = self.producer.lease_ttl.get() / 6;
+            if wait.is_zero() || wait > most {
+                push(
+                    "redis.wait_timeout".into(),
+                    quoted(&self.redis.wait_timeout.to_string()),
+                    format!(
+                        "expected more than 0 and at most a sixth of producer.lease_ttl ({}), \
+                         so a lease renewal and its wait for replicas fit in the third of the \
+                         TTL that a Redis command may take",
+                        Dur(most)
+                    ),
+                );
+            }
         }
         validate_kafka(&self.broker.kafka, &mut push);
         let rabbit = &self.broker.rabbitmq;

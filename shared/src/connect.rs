@@ -29,12 +29,13 @@ pub fn redact(url: &str) -> String {
 
 /// Connects an operator tool to Redis, once (commands bounded by 5 s).
 pub async fn tool_store(config: &Config) -> Result<Store, StoreError> {
-    Store::connect(
+    Ok(Store::connect(
         &config.redis.url,
         &config.redis.namespace,
         Duration::from_secs(5),
     )
-    .await
+    .await?
+    .with_replica_wait(config.redis.wait_replicas, config.redis.wait_timeout.get()))
 }
 
 /// Exponential backoff with jitter, 100 ms to 5 s, without end.
@@ -58,7 +59,10 @@ pub async fn connect_all(
     let mut delays = backoff_forever();
     let store = loop {
         match Store::connect(&config.redis.url, &config.redis.namespace, response_timeout).await {
-            Ok(s) => break s,
+            Ok(s) => {
+                break s
+                    .with_replica_wait(config.redis.wait_replicas, config.redis.wait_timeout.get())
+            }
             Err(e) => {
                 let d = delays.next().unwrap_or(Duration::from_secs(5));
                 tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "Redis unavailable at startup");

@@ -39,6 +39,23 @@ pub enum StoreError {
         /// The role it reported (`ROLE`).
         role: String,
     },
+    /// A write that must reach replicas before it counts (`redis.wait_replicas`)
+    /// reached fewer of them in time (`WAIT`). It is on the primary, and a
+    /// failover could lose it, so the caller does not rely on it.
+    #[error(
+        "the {what} write reached {acked} of the {wanted} Redis replicas that \
+         redis.wait_replicas asks for within redis.wait_timeout ({timeout_ms} ms); not counted"
+    )]
+    NotReplicated {
+        /// Which write (`leader lease`, `watermark`).
+        what: &'static str,
+        /// Replicas asked for.
+        wanted: u32,
+        /// Replicas that acknowledged it.
+        acked: i64,
+        /// The wait, in milliseconds.
+        timeout_ms: u64,
+    },
 }
 
 impl StoreError {
@@ -46,7 +63,10 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            StoreError::Redis(_) | StoreError::Connect { .. } | StoreError::NotPrimary { .. }
+            StoreError::Redis(_)
+                | StoreError::Connect { .. }
+                | StoreError::NotPrimary { .. }
+                | StoreError::NotReplicated { .. }
         )
     }
 }
@@ -93,6 +113,15 @@ pub struct Store {
     keys: Keys,
     scripts: std::sync::Arc<Scripts>,
     client: redis::Client,
+    /// Replicas a leader-lease, fencing or watermark write must reach.
+    replica_wait: Option<ReplicaWait>,
+}
+
+/// `WAIT` settings of a store; see [`Store::with_replica_wait`].
+#[derive(Debug, Clone, Copy)]
+struct ReplicaWait {
+    replicas: u32,
+    timeout: Duration,
 }
 
 struct Scripts {
@@ -157,7 +186,66 @@ impl Store {
             keys: Keys::new(namespace),
             scripts: std::sync::Arc::new(Scripts::load()),
             client,
+            replica_wait: None,
         })
+    }
+
+    /// Makes the producer's own writes (taking and renewing the leader
+    /// lease, the fencing counter, watermarks) count only once `replicas`
+    /// replicas acknowledged them within `timeout` (Redis `WAIT`, sent in the
+    /// same pipeline as the write, so on the same connection right after it).
+    /// Replication is asynchronous: without this, a failover can lose a lease
+    /// renewal (a standby then takes the lease while the old leader still
+    /// counts on it), the fencing counter (a token is handed out twice) or a
+    /// watermark. A lease taken but not acknowledged is released again and
+    /// [`StoreError::NotReplicated`] returned; a renewal not acknowledged
+    /// fails the same way, so the leader does not move its deadline. `0` turns
+    /// it off. Worker claims are not waited for: the cost would fall on every
+    /// task, and a claim lost in a failover costs at most a duplicate run,
+    /// the same as one whose lease expired.
+    pub fn with_replica_wait(mut self, replicas: u32, timeout: Duration) -> Store {
+        self.replica_wait = (replicas > 0).then_some(ReplicaWait { replicas, timeout });
+        self
+    }
+
+    /// Runs a script that writes and, with [`Store::with_replica_wait`], the
+    /// `WAIT` after it. The script's reply, and the replicas that
+    /// acknowledged the write (`None` when not waiting).
+    async fn invoke_replicated<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> StoreResult<(T, Option<i64>)> {
+        let mut c = self.conn();
+        let Some(wait) = self.replica_wait else {
+            return Ok((invocation.invoke_async(&mut c).await?, None));
+        };
+        // A pipeline is not retried on NOSCRIPT the way `invoke_async` is, so
+        // it loads the script first (these writes are a few a second at most).
+        let (_, reply, acked): (redis::Value, T, i64) = redis::pipe()
+            .load_script(script)
+            .invoke_script(invocation)
+            .cmd("WAIT")
+            .arg(wait.replicas)
+            .arg(ms(wait.timeout))
+            .query_async(&mut c)
+            .await?;
+        Ok((reply, Some(acked)))
+    }
+
+    /// `Err(NotReplicated)` when `acked` replicas are fewer than asked for.
+    fn check_replicated(&self, what: &'static str, acked: Option<i64>) -> StoreResult<()> {
+        match (self.replica_wait, acked) {
+            (Some(w), Some(acked)) if acked < i64::from(w.replicas) => {
+                Err(StoreError::NotReplicated {
+                    what,
+                    wanted: w.replicas,
+                    acked,
+                    timeout_ms: ms(w.timeout),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The key names of this namespace.
@@ -209,17 +297,25 @@ impl Store {
         holder: &str,
         ttl: Duration,
     ) -> StoreResult<Result<u64, Duration>> {
-        let mut c = self.conn();
-        let (token, pttl): (u64, i64) = self
-            .scripts
-            .lease_acquire
+        let mut invocation = self.scripts.lease_acquire.prepare_invoke();
+        invocation
             .key(self.keys.leader())
             .key(self.keys.fencing())
             .arg(holder)
-            .arg(ms(ttl))
-            .invoke_async(&mut c)
+            .arg(ms(ttl));
+        let ((token, pttl), acked): ((u64, i64), _) = self
+            .invoke_replicated(&self.scripts.lease_acquire, &invocation)
             .await?;
         if token > 0 {
+            if let Err(e) = self.check_replicated("leader lease", acked) {
+                // Not durable: give it back so that a contender (or this
+                // producer, once the replicas catch up) takes it anew,
+                // rather than leave it unused until it expires.
+                if let Err(release) = self.lease_release(&format!("{token}:{holder}")).await {
+                    tracing::warn!(error = %release, "Could not release a lease the replicas did not acknowledge; it expires on its own");
+                }
+                return Err(e);
+            }
             Ok(Ok(token))
         } else {
             Ok(Err(Duration::from_millis(pttl.max(0) as u64)))
@@ -227,8 +323,19 @@ impl Store {
     }
 
     /// Extends the lease if `value` still holds it.
+    /// With [`Store::with_replica_wait`], a renewal the replicas did not
+    /// acknowledge in time is `Err(NotReplicated)`: the leader must not move
+    /// its deadline on it.
     pub async fn lease_renew(&self, value: &str, ttl: Duration) -> StoreResult<bool> {
-        self.renew_if_held(&self.keys.leader(), value, ttl).await
+        let mut invocation = self.scripts.lease_renew.prepare_invoke();
+        invocation.key(self.keys.leader()).arg(value).arg(ms(ttl));
+        let (ok, acked): (i64, _) = self
+            .invoke_replicated(&self.scripts.lease_renew, &invocation)
+            .await?;
+        if ok == 1 {
+            self.check_replicated("leader lease", acked)?;
+        }
+        Ok(ok == 1)
     }
 
     /// Sets `key`'s time to live to `ttl` if its value is `value` (never a
@@ -343,7 +450,10 @@ impl Store {
             .key(self.keys.watermarks())
             .arg(lease_value);
         args(&mut inv);
-        let ok: i64 = inv.invoke_async(&mut self.conn()).await?;
+        let (ok, acked): (i64, _) = self.invoke_replicated(script, &inv).await?;
+        if ok == 1 {
+            self.check_replicated("watermark", acked)?;
+        }
         Ok(ok == 1)
     }
 

@@ -205,3 +205,117 @@ async fn writes_refused_for_want_of_replicas_fail_as_transient_errors_and_resume
         Claim::Claimed { attempt: 1 }
     );
 }
+
+/// Waits until primary `a` counts `n` connected replicas.
+fn wait_connected_replicas(a: &Server, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut a.client())
+            .expect("INFO replication");
+        if info.contains(&format!("connected_slaves:{n}\r")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {n} replicas:\n{info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn with_wait_replicas_lease_and_watermark_writes_count_only_once_a_replica_holds_them() {
+    let a = Server::start();
+    let b = Server::start();
+    b.replicate(&a);
+    b.wait_synced();
+    // After a full sync the primary streams writes to a replica only from
+    // its first acknowledgement on (up to a second later); until then WAIT
+    // cannot count it. This returns once a write has been acknowledged.
+    a.wait_replicated();
+    let plain = Store::connect(&a.url(), "cptest-wait", Duration::from_secs(2))
+        .await
+        .expect("connect to A");
+    let store = plain
+        .clone()
+        .with_replica_wait(1, Duration::from_millis(200));
+    let ttl = Duration::from_secs(30);
+    let slot = chrono::Utc::now();
+
+    // Replica attached: the lease is taken, and B holds the fencing token
+    // and the lease as soon as the call returns (WAIT saw B acknowledge).
+    let t1 = store
+        .lease_acquire("p1", ttl)
+        .await
+        .expect("acquire")
+        .expect("the lease is free");
+    let v1 = format!("{t1}:p1");
+    assert_eq!(b.get(&store.keys().fencing()), Some(t1.to_string()));
+    assert_eq!(b.get(&store.keys().leader()), Some(v1.clone()));
+    assert!(store.lease_renew(&v1, ttl).await.expect("renew"));
+    assert!(store
+        .advance_watermarks(&v1, &[("nightly", slot)])
+        .await
+        .expect("watermark"));
+
+    // B leaves: A keeps taking writes, but none of them may count.
+    b.promote();
+    wait_connected_replicas(&a, 0);
+    let not_replicated = |e: StoreError| {
+        assert!(
+            matches!(
+                e,
+                StoreError::NotReplicated {
+                    wanted: 1,
+                    acked: 0,
+                    ..
+                }
+            ),
+            "expected NotReplicated, got {e}"
+        );
+        assert!(e.is_transient(), "worth retrying once replicas return");
+        assert!(e.to_string().contains("redis.wait_replicas"), "{e}");
+    };
+    not_replicated(
+        store
+            .lease_renew(&v1, ttl)
+            .await
+            .expect_err("renewal counted without a replica"),
+    );
+    not_replicated(
+        store
+            .advance_watermarks(&v1, &[("nightly", slot + chrono::Duration::minutes(1))])
+            .await
+            .expect_err("watermark counted without a replica"),
+    );
+    assert!(store.lease_release(&v1).await.expect("release"));
+    not_replicated(
+        store
+            .lease_acquire("p2", ttl)
+            .await
+            .expect_err("lease taken without a replica"),
+    );
+    // The lease it could not count was given back, not left to expire.
+    assert_eq!(store.lease_holder().await.expect("holder"), None);
+    // Without the setting the same acquire succeeds on A alone.
+    let t2 = plain
+        .lease_acquire("p3", ttl)
+        .await
+        .expect("acquire")
+        .expect("free");
+    assert!(plain
+        .lease_release(&format!("{t2}:p3"))
+        .await
+        .expect("release"));
+
+    // B back: the lease is taken again, with a token above every one before.
+    b.replicate(&a);
+    b.wait_synced();
+    a.wait_replicated();
+    let t3 = store
+        .lease_acquire("p2", ttl)
+        .await
+        .expect("acquire")
+        .expect("free");
+    assert!(t3 > t2 && t2 > t1, "tokens {t1}, {t2}, {t3}");
+    assert_eq!(b.get(&store.keys().fencing()), Some(t3.to_string()));
+}

@@ -939,6 +939,35 @@ fn lease_ttl_too_small_is_rejected() {
 }
 
 #[test]
+fn redis_wait_timeout_must_fit_the_lease() {
+    // Off by default; the timeout is then not checked.
+    let c = parse_ok("[redis]\nwait_timeout = \"0s\"\n", &[]);
+    assert_eq!(c.redis.wait_replicas, 0);
+    let c = parse_ok(
+        "[redis]\nwait_replicas = 1\nwait_timeout = \"500ms\"\n[producer]\nlease_ttl = \"3s\"\n",
+        &[],
+    );
+    assert_eq!(
+        (c.redis.wait_replicas, c.redis.wait_timeout),
+        (1, Dur::millis(500))
+    );
+    let e = only_error(
+        "[redis]\nwait_replicas = 1\nwait_timeout = \"501ms\"\n[producer]\nlease_ttl = \"3s\"\n",
+        &[],
+    );
+    check(
+        &e,
+        "redis.wait_timeout",
+        "\"501ms\"",
+        &["at most a sixth of producer.lease_ttl (500ms)"],
+    );
+    let e = only_error("[redis]\nwait_replicas = 2\nwait_timeout = \"0s\"\n", &[]);
+    check(&e, "redis.wait_timeout", "\"0s\"", &["more than 0"]);
+    let c = parse_ok("", &[("CRONPIPE__REDIS__WAIT_REPLICAS", "1")]);
+    assert_eq!(c.redis.wait_replicas, 1);
+}
+
+#[test]
 fn redis_url_scheme_is_checked() {
     let e = only_error("[redis]\nurl = \"http://cache:6379\"\n", &[]);
     check(
