@@ -142,6 +142,10 @@ pub async fn acquire(
     let mut announced = false;
     loop {
         let sent = Instant::now();
+        // After an error, wait the full period: a release notification may be
+        // this producer's own (a lease the replicas did not acknowledge is
+        // given back), and would otherwise retry at once, in a loop.
+        let mut on_release = true;
         let wait = match store.lease_acquire(holder, timing.ttl).await {
             Ok(Ok(token)) => {
                 let deadline = timing.deadline_after(sent);
@@ -167,12 +171,13 @@ pub async fn acquire(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Could not contend for leadership (Redis refused, did not answer, or its replicas did not acknowledge the lease); retrying");
+                on_release = false;
                 timing.renew_every().min(Duration::from_secs(1))
             }
         };
         tokio::select! {
             _ = shutdown.cancelled() => return None,
-            _ = released.notified() => {}
+            _ = released.notified(), if on_release => {}
             _ = tokio::time::sleep(wait) => {}
         }
     }
