@@ -92,18 +92,29 @@ impl Server {
 
     /// Waits until this replica has loaded its primary's data and follows it.
     pub fn wait_synced(&self) {
+        self.wait_replication_info("synced", |info| info.contains("master_link_status:up"));
+    }
+
+    /// Waits until this primary counts `n` connected replicas.
+    pub fn wait_connected_replicas(&self, n: usize) {
+        let line = format!("connected_slaves:{n}\r");
+        self.wait_replication_info(&format!("{n} replicas"), |info| info.contains(&line));
+    }
+
+    /// Polls `INFO replication` (for 10 s at most) until `done` holds of it.
+    fn wait_replication_info(&self, what: &str, done: impl Fn(&str) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let info: String = redis::cmd("INFO")
                 .arg("replication")
                 .query(&mut self.client())
                 .expect("INFO replication");
-            if info.contains("master_link_status:up") {
+            if done(&info) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "replica :{} never synced:\n{info}",
+                ":{} never {what}:\n{info}",
                 self.port
             );
             std::thread::sleep(Duration::from_millis(20));

@@ -206,22 +206,6 @@ async fn writes_refused_for_want_of_replicas_fail_as_transient_errors_and_resume
     );
 }
 
-/// Waits until primary `a` counts `n` connected replicas.
-fn wait_connected_replicas(a: &Server, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query(&mut a.client())
-            .expect("INFO replication");
-        if info.contains(&format!("connected_slaves:{n}\r")) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never {n} replicas:\n{info}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test]
 async fn with_wait_replicas_lease_and_watermark_writes_count_only_once_a_replica_holds_them() {
     let a = Server::start();
@@ -259,7 +243,7 @@ async fn with_wait_replicas_lease_and_watermark_writes_count_only_once_a_replica
 
     // B leaves: A keeps taking writes, but none of them may count.
     b.promote();
-    wait_connected_replicas(&a, 0);
+    a.wait_connected_replicas(0);
     let not_replicated = |e: StoreError| {
         assert!(
             matches!(
