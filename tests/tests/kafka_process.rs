@@ -1,6 +1,7 @@
 //! Kafka tests with real `worker` processes: two in one consumer group, a
 //! worker SIGKILLed with uncommitted messages, and one whose slots stay busy
-//! long enough for its partitions to be paused and resumed. They run against librdkafka's
+//! long enough for its partitions to be paused and resumed, and one whose
+//! group's committed offset was deleted while it was down. They run against librdkafka's
 //! mock cluster, which lives in this test process but listens on TCP, so the
 //! workers reach it like any broker; with `CRONPIPE_TEST_KAFKA_BROKERS` set
 //! (`scripts/kafka-broker` starts one), against that broker instead. Topic
@@ -401,4 +402,95 @@ command = ["/bin/sh", "-c", "echo \"$CRONPIPE_TASK_ID\" >> {f}"]
     assert!(log.contains("resumed the paused partitions"), "{log}");
     drop(w);
     env.cleanup().await;
+}
+
+/// The group's committed position deleted before the group read on from it
+/// (retention; here the mock cluster's cap of 5 MiB per partition): the
+/// worker says the skipped tasks are lost, with the offset, and goes on with
+/// what is left.
+#[tokio::test]
+async fn a_committed_position_deleted_by_retention_is_reported_as_lost_tasks() {
+    // Only the mock drops old messages on its own within a test's time.
+    let env = TestEnv::kafka_mock("kafka-retention", 1).await;
+    let cfg = env.write_config(
+        "cronpipe.toml",
+        &format!(
+            r#"
+[task.job]
+handler = "exec"
+command = ["/bin/sh", "-c", "cat > /dev/null; echo \"$CRONPIPE_TASK_ID\" >> {f}"]
+"#,
+            f = env.runs_file().display()
+        ),
+    );
+    let first = publish_jobs(&env, 10).await;
+    let w = env.worker_process(&cfg, "wr1");
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            env.runs().len() >= first.len()
+        })
+        .await,
+        "{}",
+        w.log_text()
+    );
+    let topic = env.topic().to_string();
+    env.expect_committed(
+        &topic,
+        &[(0, Some(10))],
+        Duration::from_secs(10),
+        "the first ten committed",
+    )
+    .await;
+    drop(w);
+
+    // 7 MiB of jobs while no worker runs: the mock keeps the newest 5 MiB,
+    // so offset 10, where the group would go on, is deleted.
+    let big = "x".repeat(256 * 1024);
+    let envs: Vec<Envelope> = (0..28)
+        .map(|_| Envelope::new("job", serde_json::json!(big)))
+        .collect();
+    for r in env.broker.publish_batch(&envs).await {
+        r.expect("publish");
+    }
+    let (lo, hi) = watermarks(&env, &topic).await;
+    assert!(lo > 10 && hi == 38, "log range {lo}..{hi}");
+    let kept: HashSet<String> = envs[(lo - 10) as usize..]
+        .iter()
+        .map(|e| e.id.clone())
+        .collect();
+
+    let w = env.worker_process(&cfg, "wr2");
+    let done = wait_until(Duration::from_secs(30), || async {
+        env.runs().len() >= first.len() + kept.len()
+    })
+    .await;
+    let log = w.log_text();
+    assert!(done, "{} ran\n{log}", env.runs().len());
+    let ran: HashSet<String> = env.runs().into_iter().skip(first.len()).collect();
+    assert_eq!(ran, kept, "the tasks still on the broker run, once each");
+    let reset = log
+        .lines()
+        .find(|l| l.contains("Kafka position lost"))
+        .unwrap_or_else(|| panic!("no lost-position report:\n{log}"));
+    assert!(reset.contains("offset 10"), "{reset}");
+    assert!(reset.contains(&topic), "{reset}");
+    drop(w);
+    env.cleanup().await;
+}
+
+/// The first offset still held and the end of `topic`'s partition 0.
+async fn watermarks(env: &TestEnv, topic: &str) -> (i64, i64) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let brokers = env.brokers();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .expect("consumer");
+        c.fetch_watermarks(&topic, 0, Duration::from_secs(5))
+            .expect("watermarks")
+    })
+    .await
+    .expect("join")
 }

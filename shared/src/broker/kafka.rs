@@ -1076,8 +1076,40 @@ struct ConsumerCtx {
     shared: Arc<Shared>,
 }
 
+/// Reports librdkafka moving a partition's position because the group's
+/// committed offset is no longer on the broker: retention (or the mock
+/// cluster's size cap) deleted messages this group had not read, and with
+/// `auto.offset.reset = earliest` the consumer continues from the oldest
+/// message left. The deleted tasks are lost; nothing else would say so but
+/// a librdkafka warning. `message` is librdkafka's warning,
+/// `"<topic> [<partition>]: offset reset (at offset N …) to …: <reason>"`.
+/// A new group starting from `auto.offset.reset` is not logged this way.
+fn report_offset_reset(message: &str) {
+    let topic = message.split(" [").next().unwrap_or("?").to_string();
+    metrics::counter!("cronpipe_kafka_offset_resets_total", "topic" => topic.clone()).increment(1);
+    tracing::error!(
+        topic,
+        detail = message,
+        "Kafka position lost: the group's committed offset is no longer on the broker \
+         (deleted by retention before this group read it), so consuming goes on from the \
+         oldest message left; the tasks deleted in between are lost. Keep topic retention \
+         longer than any stretch without workers"
+    );
+}
+
 impl ClientContext for ConsumerCtx {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let warning_or_worse = matches!(
+            level,
+            RDKafkaLogLevel::Emerg
+                | RDKafkaLogLevel::Alert
+                | RDKafkaLogLevel::Critical
+                | RDKafkaLogLevel::Error
+                | RDKafkaLogLevel::Warning
+        );
+        if fac == "OFFSET" && warning_or_worse && log_message.contains(": offset reset (at ") {
+            report_offset_reset(log_message);
+        }
         forward_log(level, fac, log_message);
     }
 
