@@ -58,6 +58,12 @@ pub fn main_if_requested() {
     }
 }
 
+/// Whether exec tasks of this process run under a guard, that is whether
+/// [`main_if_requested`] was called (and this is Linux).
+pub fn installed() -> bool {
+    GUARD.get().is_some()
+}
+
 /// The command that runs `program` with `args` under a guard, when this
 /// process has one (see [`main_if_requested`]).
 pub(crate) fn command(program: &str, args: &[String]) -> Option<tokio::process::Command> {

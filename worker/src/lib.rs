@@ -103,6 +103,17 @@ pub fn registry_from_config(
                 registry = registry.register(name.clone(), handler);
             }
             HandlerKind::Exec => {
+                if cfg!(target_os = "linux") && !exec_guard::installed() {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| {
+                        tracing::warn!(
+                            task = %name,
+                            "exec tasks run without the exec guard: a program (and what it started) \
+                             can outlive a killed worker and run beside the retry. Call \
+                             cronpipe_worker::exec_guard::main_if_requested() first thing in main"
+                        )
+                    });
+                }
                 registry = registry.register(
                     name.clone(),
                     exec::ExecHandler {
