@@ -208,16 +208,17 @@ impl Store {
         self
     }
 
-    /// Runs a script that writes and, with [`Store::with_replica_wait`], the
-    /// `WAIT` after it. The script's reply, and the replicas that
-    /// acknowledged the write (`None` when not waiting).
+    /// Runs a script that writes and, when `durable` and with
+    /// [`Store::with_replica_wait`], the `WAIT` after it. The script's reply,
+    /// and the replicas that acknowledged the write (`None` when not waiting).
     async fn invoke_replicated<T: redis::FromRedisValue>(
         &self,
         script: &Script,
         invocation: &redis::ScriptInvocation<'_>,
+        durable: bool,
     ) -> StoreResult<(T, Option<i64>)> {
         let mut c = self.conn();
-        let Some(wait) = self.replica_wait else {
+        let Some(wait) = self.replica_wait.filter(|_| durable) else {
             return Ok((invocation.invoke_async(&mut c).await?, None));
         };
         // A pipeline is not retried on NOSCRIPT the way `invoke_async` is, so
@@ -304,7 +305,7 @@ impl Store {
             .arg(holder)
             .arg(ms(ttl));
         let ((token, pttl), acked): ((u64, i64), _) = self
-            .invoke_replicated(&self.scripts.lease_acquire, &invocation)
+            .invoke_replicated(&self.scripts.lease_acquire, &invocation, true)
             .await?;
         if token > 0 {
             if let Err(e) = self.check_replicated("leader lease", acked) {
@@ -322,33 +323,34 @@ impl Store {
         }
     }
 
-    /// Extends the lease if `value` still holds it.
-    /// With [`Store::with_replica_wait`], a renewal the replicas did not
+    /// Extends the lease if `value` still holds it. With
+    /// [`Store::with_replica_wait`], a renewal the replicas did not
     /// acknowledge in time is `Err(NotReplicated)`: the leader must not move
     /// its deadline on it.
     pub async fn lease_renew(&self, value: &str, ttl: Duration) -> StoreResult<bool> {
-        let mut invocation = self.scripts.lease_renew.prepare_invoke();
-        invocation.key(self.keys.leader()).arg(value).arg(ms(ttl));
-        let (ok, acked): (i64, _) = self
-            .invoke_replicated(&self.scripts.lease_renew, &invocation)
-            .await?;
-        if ok == 1 {
-            self.check_replicated("leader lease", acked)?;
-        }
-        Ok(ok == 1)
+        self.renew_if_held(&self.keys.leader(), value, ttl, Some("leader lease"))
+            .await
     }
 
     /// Sets `key`'s time to live to `ttl` if its value is `value` (never a
-    /// bare `PEXPIRE`: whoever holds it now keeps their own).
-    async fn renew_if_held(&self, key: &str, value: &str, ttl: Duration) -> StoreResult<bool> {
-        let ok: i64 = self
-            .scripts
-            .lease_renew
-            .key(key)
-            .arg(value)
-            .arg(ms(ttl))
-            .invoke_async(&mut self.conn())
+    /// bare `PEXPIRE`: whoever holds it now keeps their own). With `durable`
+    /// (the write's name in errors), a renewal counts only once the replicas
+    /// of [`Store::with_replica_wait`] acknowledged it.
+    async fn renew_if_held(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+        durable: Option<&'static str>,
+    ) -> StoreResult<bool> {
+        let mut invocation = self.scripts.lease_renew.prepare_invoke();
+        invocation.key(key).arg(value).arg(ms(ttl));
+        let (ok, acked): (i64, _) = self
+            .invoke_replicated(&self.scripts.lease_renew, &invocation, durable.is_some())
             .await?;
+        if let (1, Some(what)) = (ok, durable) {
+            self.check_replicated(what, acked)?;
+        }
         Ok(ok == 1)
     }
 
@@ -450,7 +452,7 @@ impl Store {
             .key(self.keys.watermarks())
             .arg(lease_value);
         args(&mut inv);
-        let (ok, acked): (i64, _) = self.invoke_replicated(script, &inv).await?;
+        let (ok, acked): (i64, _) = self.invoke_replicated(script, &inv, true).await?;
         if ok == 1 {
             self.check_replicated("watermark", acked)?;
         }
@@ -618,7 +620,8 @@ impl Store {
 
     /// Extends the dead-letter tools' lock if `holder` still holds it.
     pub async fn dlq_lock_renew(&self, holder: &str, ttl: Duration) -> StoreResult<bool> {
-        self.renew_if_held(&self.keys.dlq_lock(), holder, ttl).await
+        self.renew_if_held(&self.keys.dlq_lock(), holder, ttl, None)
+            .await
     }
 
     /// Releases the dead-letter tools' lock if `holder` holds it.
