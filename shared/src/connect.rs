@@ -27,15 +27,20 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Connects to Redis as `[redis]` says (URL, namespace, replicas to wait
+/// for), commands bounded by `response_timeout`.
+async fn store(config: &Config, response_timeout: Duration) -> Result<Store, StoreError> {
+    let redis = &config.redis;
+    Ok(
+        Store::connect(&redis.url, &redis.namespace, response_timeout)
+            .await?
+            .with_replica_wait(redis.wait_replicas, redis.wait_timeout.get()),
+    )
+}
+
 /// Connects an operator tool to Redis, once (commands bounded by 5 s).
 pub async fn tool_store(config: &Config) -> Result<Store, StoreError> {
-    Ok(Store::connect(
-        &config.redis.url,
-        &config.redis.namespace,
-        Duration::from_secs(5),
-    )
-    .await?
-    .with_replica_wait(config.redis.wait_replicas, config.redis.wait_timeout.get()))
+    store(config, Duration::from_secs(5)).await
 }
 
 /// Exponential backoff with jitter, 100 ms to 5 s, without end.
@@ -58,11 +63,8 @@ pub async fn connect_all(
 ) -> Result<Option<(Store, Broker)>, BrokerError> {
     let mut delays = backoff_forever();
     let store = loop {
-        match Store::connect(&config.redis.url, &config.redis.namespace, response_timeout).await {
-            Ok(s) => {
-                break s
-                    .with_replica_wait(config.redis.wait_replicas, config.redis.wait_timeout.get())
-            }
+        match store(config, response_timeout).await {
+            Ok(s) => break s,
             Err(e) => {
                 let d = delays.next().unwrap_or(Duration::from_secs(5));
                 tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "Redis unavailable at startup");

@@ -303,3 +303,45 @@ async fn with_wait_replicas_lease_and_watermark_writes_count_only_once_a_replica
     assert!(t3 > t2 && t2 > t1, "tokens {t1}, {t2}, {t3}");
     assert_eq!(b.get(&store.keys().fencing()), Some(t3.to_string()));
 }
+
+/// `[redis] wait_replicas` reaches the store the binaries and tools connect:
+/// on a server without replicas the lease cannot be taken with it, and can
+/// without it.
+#[tokio::test]
+async fn the_configured_wait_replicas_reaches_the_connected_store() {
+    let alone = Server::start();
+    let connect = |wait: u32| {
+        let text = format!(
+            "[redis]\nurl = \"{}\"\nnamespace = \"cptest-waitcfg\"\nwait_replicas = {wait}\nwait_timeout = \"100ms\"\n",
+            alone.url()
+        );
+        let config = cronpipe_shared::Config::parse(
+            std::path::Path::new("cronpipe.toml"),
+            &text,
+            std::iter::empty(),
+        )
+        .expect("valid config");
+        async move {
+            cronpipe_shared::connect::tool_store(&config)
+                .await
+                .expect("connect")
+        }
+    };
+    let ttl = Duration::from_secs(30);
+    let e = connect(1)
+        .await
+        .lease_acquire("p1", ttl)
+        .await
+        .expect_err("taken without the replica the config asks for");
+    assert!(
+        matches!(e, StoreError::NotReplicated { wanted: 1, .. }),
+        "{e}"
+    );
+    let token = connect(0)
+        .await
+        .lease_acquire("p1", ttl)
+        .await
+        .expect("acquire")
+        .expect("the refused lease was given back");
+    assert!(token > 1, "the refused attempt drew token 1 first: {token}");
+}
