@@ -226,6 +226,40 @@ impl TestEnv {
             .expect("committed offsets")
     }
 
+    /// Each partition of `topic` with the first offset the broker still
+    /// holds and the next offset (its watermarks), by partition. A first
+    /// offset above 0 means messages were deleted (retention; on the mock
+    /// cluster, its cap of 5 MiB per partition).
+    pub async fn log_ranges(&self, topic: &str) -> Vec<(i32, i64, i64)> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let brokers = self.brokers();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .expect("watermark consumer");
+            let meta = c
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .expect("topic metadata");
+            let mut ranges: Vec<(i32, i64, i64)> = meta
+                .topics()
+                .iter()
+                .flat_map(|t| t.partitions())
+                .map(|p| {
+                    let (lo, hi) = c
+                        .fetch_watermarks(&topic, p.id(), Duration::from_secs(5))
+                        .expect("watermarks");
+                    (p.id(), lo, hi)
+                })
+                .collect();
+            ranges.sort();
+            ranges
+        })
+        .await
+        .expect("joining the watermark read")
+    }
+
     /// Waits up to `limit` for the committed offsets of `topic` to be
     /// `expected`; fails the test with `what` and the offsets last seen if
     /// they are not by then.

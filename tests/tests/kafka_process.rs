@@ -1,7 +1,7 @@
 //! Kafka tests with real `worker` processes: two in one consumer group, a
-//! worker SIGKILLed with uncommitted messages, and one whose slots stay busy
-//! long enough for its partitions to be paused and resumed, and one whose
-//! group's committed offset was deleted while it was down. They run against librdkafka's
+//! worker SIGKILLed with uncommitted messages, one whose slots stay busy long
+//! enough for its partitions to be paused and resumed, and one whose group's
+//! committed offset was deleted while it was down. They run against librdkafka's
 //! mock cluster, which lives in this test process but listens on TCP, so the
 //! workers reach it like any broker; with `CRONPIPE_TEST_KAFKA_BROKERS` set
 //! (`scripts/kafka-broker` starts one), against that broker instead. Topic
@@ -29,6 +29,18 @@ handler = "exec"
 command = ["/bin/sh", "-c", "echo \"start $CRONPIPE_TASK_ID $CRONPIPE_WORKER $$\" >> {f}; sleep {secs}; echo \"done $CRONPIPE_TASK_ID $CRONPIPE_WORKER $$\" >> {f}"]
 "#,
         f = file.display()
+    )
+}
+
+/// A `job` exec task that appends its task id to the runs file.
+fn recorded_job(env: &TestEnv) -> String {
+    format!(
+        r#"
+[task.job]
+handler = "exec"
+command = ["/bin/sh", "-c", "echo \"$CRONPIPE_TASK_ID\" >> {f}"]
+"#,
+        f = env.runs_file().display()
     )
 }
 
@@ -366,11 +378,8 @@ concurrency = 1
 [task.slow]
 handler = "exec"
 command = ["/bin/sh", "-c", "sleep 6"]
-[task.job]
-handler = "exec"
-command = ["/bin/sh", "-c", "echo \"$CRONPIPE_TASK_ID\" >> {f}"]
-"#,
-            f = env.runs_file().display()
+{}"#,
+            recorded_job(&env)
         ),
     );
     // The slow task takes the one slot; more jobs than the consumer keeps
@@ -412,17 +421,7 @@ command = ["/bin/sh", "-c", "echo \"$CRONPIPE_TASK_ID\" >> {f}"]
 async fn a_committed_position_deleted_by_retention_is_reported_as_lost_tasks() {
     // Only the mock drops old messages on its own within a test's time.
     let env = TestEnv::kafka_mock("kafka-retention", 1).await;
-    let cfg = env.write_config(
-        "cronpipe.toml",
-        &format!(
-            r#"
-[task.job]
-handler = "exec"
-command = ["/bin/sh", "-c", "cat > /dev/null; echo \"$CRONPIPE_TASK_ID\" >> {f}"]
-"#,
-            f = env.runs_file().display()
-        ),
-    );
+    let cfg = env.write_config("cronpipe.toml", &recorded_job(&env));
     let first = publish_jobs(&env, 10).await;
     let w = env.worker_process(&cfg, "wr1");
     assert!(
@@ -452,7 +451,9 @@ command = ["/bin/sh", "-c", "cat > /dev/null; echo \"$CRONPIPE_TASK_ID\" >> {f}"
     for r in env.broker.publish_batch(&envs).await {
         r.expect("publish");
     }
-    let (lo, hi) = watermarks(&env, &topic).await;
+    let [(0, lo, hi)] = env.log_ranges(&topic).await[..] else {
+        panic!("one partition expected");
+    };
     assert!(lo > 10 && hi == 38, "log range {lo}..{hi}");
     let kept: HashSet<String> = envs[(lo - 10) as usize..]
         .iter()
@@ -476,21 +477,4 @@ command = ["/bin/sh", "-c", "cat > /dev/null; echo \"$CRONPIPE_TASK_ID\" >> {f}"
     assert!(reset.contains(&topic), "{reset}");
     drop(w);
     env.cleanup().await;
-}
-
-/// The first offset still held and the end of `topic`'s partition 0.
-async fn watermarks(env: &TestEnv, topic: &str) -> (i64, i64) {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let brokers = env.brokers();
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .create()
-            .expect("consumer");
-        c.fetch_watermarks(&topic, 0, Duration::from_secs(5))
-            .expect("watermarks")
-    })
-    .await
-    .expect("join")
 }

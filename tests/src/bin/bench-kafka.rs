@@ -295,7 +295,7 @@ async fn cronpipe_path(env: &TestEnv, n: usize, conc: usize) -> anyhow::Result<R
             None => bail!(
                 "worker stalled after {ok} of {n}; committed offsets {:?}, log ranges {:?}",
                 env.committed(env.topic()).await,
-                log_ranges(env, env.topic()).await?
+                env.log_ranges(env.topic()).await
             ),
         }
     }
@@ -308,39 +308,12 @@ async fn cronpipe_path(env: &TestEnv, n: usize, conc: usize) -> anyhow::Result<R
     Ok(Rates::of(n, produced, consumed))
 }
 
-/// Each partition's log range of `topic`: its first offset still held and
-/// its next offset.
-async fn log_ranges(env: &TestEnv, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
-    let brokers = env.brokers();
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || {
-        let c: rdkafka::consumer::BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .create()
-            .context("watermark consumer")?;
-        let meta = c
-            .fetch_metadata(Some(&topic), Duration::from_secs(5))
-            .context("topic metadata")?;
-        let mut ranges = Vec::new();
-        for p in meta.topics().iter().flat_map(|t| t.partitions()) {
-            let (lo, hi) = c
-                .fetch_watermarks(&topic, p.id(), Duration::from_secs(5))
-                .with_context(|| format!("watermarks of {topic} [{}]", p.id()))?;
-            ranges.push((p.id(), lo, hi));
-        }
-        ranges.sort();
-        Ok(ranges)
-    })
-    .await
-    .context("joining the watermark read")?
-}
-
 /// Fails when the broker no longer holds every message published to `topic`.
 /// librdkafka's mock cluster keeps at most 5 MiB per partition (about 16,800
 /// of these messages) and silently drops the oldest beyond that; unchecked,
 /// a run over that size looked like a consumer that stalled short of the end.
 async fn all_retained(env: &TestEnv, topic: &str) -> anyhow::Result<()> {
-    let ranges = log_ranges(env, topic).await?;
+    let ranges = env.log_ranges(topic).await;
     let dropped: i64 = ranges.iter().map(|(_, lo, _)| lo).sum();
     if dropped > 0 {
         bail!(
