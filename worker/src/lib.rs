@@ -79,6 +79,10 @@ pub fn registry_from_config(
     config: &Config,
     mut registry: Registry,
 ) -> Result<Registry, WorkerError> {
+    if let Some(warning) = unguarded_exec_warning(config, exec_guard::installed()) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| tracing::warn!("{warning}"));
+    }
     let mut client = None;
     for (name, task) in &config.tasks {
         match task.handler {
@@ -103,17 +107,6 @@ pub fn registry_from_config(
                 registry = registry.register(name.clone(), handler);
             }
             HandlerKind::Exec => {
-                if cfg!(target_os = "linux") && !exec_guard::installed() {
-                    static WARNED: std::sync::Once = std::sync::Once::new();
-                    WARNED.call_once(|| {
-                        tracing::warn!(
-                            task = %name,
-                            "exec tasks run without the exec guard: a program (and what it started) \
-                             can outlive a killed worker and run beside the retry. Call \
-                             cronpipe_worker::exec_guard::main_if_requested() first thing in main"
-                        )
-                    });
-                }
                 registry = registry.register(
                     name.clone(),
                     exec::ExecHandler {
@@ -133,6 +126,25 @@ pub fn registry_from_config(
         }
     }
     Ok(registry)
+}
+
+/// The warning for `config`'s exec tasks when they run without the exec
+/// guard (Linux only; elsewhere there is none to miss).
+fn unguarded_exec_warning(config: &Config, guard_installed: bool) -> Option<String> {
+    let exec: Vec<&str> = config
+        .tasks
+        .iter()
+        .filter(|(_, t)| t.handler == HandlerKind::Exec)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if !cfg!(target_os = "linux") || guard_installed || exec.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "exec tasks {exec:?} run without the exec guard: what their programs start can outlive \
+         a killed worker and run beside the retry (the program itself still dies with it). Call \
+         cronpipe_worker::exec_guard::main_if_requested() first thing in main"
+    ))
 }
 
 /// Connects to Redis and the broker, retrying with backoff until they answer or `shutdown`.
@@ -266,5 +278,37 @@ pub async fn run(
     match failure {
         Some(e) => Err(e.into()),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::parse(std::path::Path::new("t.toml"), text, std::iter::empty()).unwrap()
+    }
+
+    #[test]
+    fn exec_tasks_without_the_guard_are_warned_about_by_name() {
+        let with_exec = config(
+            "[task.backup]\nhandler = \"exec\"\ncommand = [\"true\"]\n\
+             [task.hook]\nhandler = \"http\"\nurl = \"http://example.com/\"\n",
+        );
+        let warning = unguarded_exec_warning(&with_exec, false);
+        if cfg!(target_os = "linux") {
+            let warning = warning.expect("a warning");
+            assert!(warning.contains("[\"backup\"]"), "{warning}");
+            assert!(!warning.contains("hook"), "{warning}");
+            assert!(warning.contains("main_if_requested()"), "{warning}");
+        } else {
+            assert_eq!(warning, None);
+        }
+        assert_eq!(unguarded_exec_warning(&with_exec, true), None);
+        let without_exec =
+            config("[task.hook]\nhandler = \"http\"\nurl = \"http://example.com/\"\n");
+        assert_eq!(unguarded_exec_warning(&without_exec, false), None);
     }
 }
