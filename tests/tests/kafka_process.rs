@@ -18,30 +18,34 @@ use cronpipe_tests::kafka::EXTERNAL_BROKERS_VAR;
 use cronpipe_tests::{wait_until, Proc, TestEnv};
 use nix::sys::signal::Signal;
 
-/// An exec task that logs `start <id> <worker> <pid>`, sleeps `secs`, then
-/// logs `done <id> <worker> <pid>`.
-fn logged_task(env: &TestEnv, secs: &str) -> String {
-    let file = env.runs_file();
+/// A `job` exec task that runs `script` with `sh -c`; `$RUNS` names the
+/// runs file.
+fn job_task(env: &TestEnv, script: &str) -> String {
     format!(
         r#"
 [task.job]
 handler = "exec"
-command = ["/bin/sh", "-c", "echo \"start $CRONPIPE_TASK_ID $CRONPIPE_WORKER $$\" >> {f}; sleep {secs}; echo \"done $CRONPIPE_TASK_ID $CRONPIPE_WORKER $$\" >> {f}"]
-"#,
-        f = file.display()
-    )
-}
-
-/// A `job` exec task that appends its task id to the runs file.
-fn recorded_job(env: &TestEnv) -> String {
-    format!(
-        r#"
-[task.job]
-handler = "exec"
-command = ["/bin/sh", "-c", "echo \"$CRONPIPE_TASK_ID\" >> {f}"]
+command = ["/bin/sh", "-c", {script:?}]
+env = {{ RUNS = "{f}" }}
 "#,
         f = env.runs_file().display()
     )
+}
+
+/// A `job` task that logs `start <id> <worker> <pid>`, sleeps `secs`, then
+/// logs `done <id> <worker> <pid>`.
+fn logged_task(env: &TestEnv, secs: &str) -> String {
+    let line =
+        |what: &str| format!("echo \"{what} $CRONPIPE_TASK_ID $CRONPIPE_WORKER $$\" >> \"$RUNS\"");
+    job_task(
+        env,
+        &format!("{}; sleep {secs}; {}", line("start"), line("done")),
+    )
+}
+
+/// A `job` task that appends its task id to the runs file.
+fn recorded_job(env: &TestEnv) -> String {
+    job_task(env, "echo \"$CRONPIPE_TASK_ID\" >> \"$RUNS\"")
 }
 
 /// One line of the runs file.
