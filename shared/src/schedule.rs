@@ -3,11 +3,11 @@
 //! intervals. All three answer one question: the first slot strictly after an
 //! instant, in UTC.
 //!
-//! DST follows classic cron semantics (implemented by croner and pinned by the
-//! tests below): a fixed-time slot in the spring-forward gap fires once, right
-//! after the gap; a fixed-time slot in the repeated fall-back hour fires once,
-//! at its first occurrence; schedules with a wildcard or step in the hour
-//! follow real elapsed time.
+//! DST follows classic cron semantics (pinned by the tests below): a schedule
+//! with no wildcard or step in its second, minute and hour fields names
+//! wall-clock times ([`is_wall_clock`]); such a time in the spring-forward
+//! gap fires once, right after the gap, and one in the repeated fall-back
+//! hour once, at its first occurrence. The rest follow real elapsed time.
 
 use std::str::FromStr;
 
@@ -285,6 +285,69 @@ impl IsoRepeat {
     }
 }
 
+/// Whether a cron expression names wall-clock times: no wildcard or step in
+/// its second, minute or hour field (single values, lists and ranges:
+/// `0 30 1,13 * * *`, `0 0,30 2 * * *`, `@daily`). Those fire once per
+/// matching local time across DST changes; the rest (`0 0 * * * *`,
+/// `*/15 1 * * *`, `@hourly`) follow real elapsed time.
+///
+/// croner itself treats only single values as fixed times, so a list or a
+/// range in those fields would fire twice in the repeated fall-back hour and
+/// not at all in the spring-forward gap; [`next_wall_clock`] does it instead.
+fn is_wall_clock(expr: &str) -> bool {
+    let expr = expr.trim();
+    if let Some(nick) = expr.strip_prefix('@') {
+        return !nick.eq_ignore_ascii_case("hourly");
+    }
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let time = match fields.len() {
+        5 => &fields[..2],
+        _ => &fields[..fields.len().min(3)],
+    };
+    !time.iter().any(|f| f.contains('*') || f.contains('/'))
+}
+
+/// The first slot strictly after `after` of a wall-clock cron in `tz`: the
+/// expression's matching local times in order, each at its instant; a time
+/// the fall-back repeats counts at its first occurrence only, and a time in
+/// the spring-forward gap at the first instant after the gap.
+fn next_wall_clock(cron: &Cron, tz: Tz, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    use chrono::offset::LocalResult;
+    // Walk local (naive) times: croner in UTC matches wall-clock fields
+    // exactly, as UTC has no DST.
+    let mut cursor = Utc.from_utc_datetime(&after.with_timezone(&tz).naive_local());
+    // Matches already passed in real time (the repeated hour's second pass
+    // re-reads local times already fired) are skipped; a day of per-second
+    // matches bounds that walk.
+    for _ in 0..100_000 {
+        let local = cron.find_next_occurrence(&cursor, false).ok()?;
+        let instant = match tz.from_local_datetime(&local.naive_utc()) {
+            LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => t,
+            LocalResult::None => first_after_gap(tz, local.naive_utc())?,
+        };
+        let instant = instant.with_timezone(&Utc);
+        if instant > after {
+            return Some(instant);
+        }
+        cursor = local;
+    }
+    None
+}
+
+/// The first instant after the DST gap that swallows local time `local`
+/// (transitions fall on whole minutes; gaps last at most a day).
+fn first_after_gap(tz: Tz, local: chrono::NaiveDateTime) -> Option<DateTime<Tz>> {
+    use chrono::Timelike;
+    let mut m = local.with_second(0)?.with_nanosecond(0)?;
+    for _ in 0..(26 * 60) {
+        m += ChronoDuration::minutes(1);
+        if let Some(t) = tz.from_local_datetime(&m).earliest() {
+            return Some(t);
+        }
+    }
+    None
+}
+
 impl Schedule {
     /// Builds a cron schedule.
     pub fn cron(expr: &str, tz: Tz) -> Result<Self, String> {
@@ -317,7 +380,11 @@ impl Schedule {
         match self {
             Schedule::Cron { expr, tz } => {
                 let cron = parsed_cron(expr)?;
-                // Slots have whole-second resolution; start from the second boundary.
+                if is_wall_clock(expr) {
+                    return next_wall_clock(&cron, *tz, after);
+                }
+                // Elapsed time: croner walks real instants, so a repeated
+                // hour fires again and a skipped one does not fire.
                 let base = after.with_timezone(tz);
                 cron.find_next_occurrence(&base, false)
                     .ok()
@@ -529,6 +596,92 @@ mod tests {
                 "2026-11-02T01:30:00-05:00",
             ]
         );
+    }
+
+    #[test]
+    fn lists_and_ranges_of_times_fire_once_per_local_time_across_dst() {
+        // croner alone fires these twice at 01:30 on fall-back day (EDT and
+        // EST) and never at 02:30 on spring-forward day.
+        let fall = |e| {
+            slots(
+                e,
+                "America/New_York",
+                "2026-11-01T04:00:00Z",
+                "2026-11-01T08:00:00Z",
+            )
+        };
+        assert_eq!(fall("0 30 1,13 * * *"), vec!["2026-11-01T01:30:00-04:00"]);
+        assert_eq!(
+            fall("0 0,30 1 * * *"),
+            vec!["2026-11-01T01:00:00-04:00", "2026-11-01T01:30:00-04:00"]
+        );
+        assert_eq!(
+            fall("30 1-2 * * *"),
+            vec!["2026-11-01T01:30:00-04:00", "2026-11-01T02:30:00-05:00"]
+        );
+        let spring = |e| {
+            slots(
+                e,
+                "America/New_York",
+                "2026-03-08T05:00:00Z",
+                "2026-03-08T19:00:00Z",
+            )
+        };
+        assert_eq!(
+            spring("0 30 2,14 * * *"),
+            vec!["2026-03-08T03:00:00-04:00", "2026-03-08T14:30:00-04:00"]
+        );
+        // Both gap times land on the same instant: one slot.
+        assert_eq!(spring("0 0,30 2 * * *"), vec!["2026-03-08T03:00:00-04:00"]);
+        assert_eq!(
+            spring("0 1-3 * * *"),
+            vec!["2026-03-08T01:00:00-05:00", "2026-03-08T03:00:00-04:00"]
+        );
+    }
+
+    #[test]
+    fn a_half_hour_gap_moves_a_wall_clock_slot_to_its_end() {
+        // Lord Howe Island springs forward 30 minutes, 02:00 -> 02:30, on 2026-10-04.
+        assert_eq!(
+            slots(
+                "0 15 2,3 * * *",
+                "Australia/Lord_Howe",
+                "2026-10-03T14:00:00Z",
+                "2026-10-03T17:00:00Z"
+            ),
+            vec!["2026-10-04T02:30:00+11:00", "2026-10-04T03:15:00+11:00"]
+        );
+    }
+
+    #[test]
+    fn a_minute_step_in_a_fixed_hour_follows_elapsed_time() {
+        // A wildcard or step in the minute field is elapsed time, as in
+        // classic cron: both passes of the repeated hour fire.
+        assert_eq!(
+            slots(
+                "*/30 1 * * *",
+                "America/New_York",
+                "2026-11-01T04:00:00Z",
+                "2026-11-01T08:00:00Z"
+            ),
+            vec![
+                "2026-11-01T01:00:00-04:00",
+                "2026-11-01T01:30:00-04:00",
+                "2026-11-01T01:00:00-05:00",
+                "2026-11-01T01:30:00-05:00",
+            ]
+        );
+        assert_eq!(
+            slots(
+                "*/30 2 * * *",
+                "America/New_York",
+                "2026-03-08T05:00:00Z",
+                "2026-03-08T12:00:00Z"
+            ),
+            Vec::<String>::new()
+        );
+        assert!(is_wall_clock("@daily") && !is_wall_clock("@hourly"));
+        assert!(is_wall_clock("0 30 1-3,5 * * * 2027") && !is_wall_clock("0 30 * * * *"));
     }
 
     #[test]
