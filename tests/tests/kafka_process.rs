@@ -1,6 +1,7 @@
 //! Kafka tests with real `worker` processes: two in one consumer group, a
 //! worker SIGKILLed with uncommitted messages, one whose slots stay busy long
-//! enough for its partitions to be paused and resumed, and one whose group's
+//! enough for its partitions to be paused and resumed (also across a
+//! rebalance that moves them away and back), and one whose group's
 //! committed offset was deleted while it was down. They run against librdkafka's
 //! mock cluster, which lives in this test process but listens on TCP, so the
 //! workers reach it like any broker; with `CRONPIPE_TEST_KAFKA_BROKERS` set
@@ -414,6 +415,88 @@ command = ["/bin/sh", "-c", "sleep 6"]
     assert!(log.contains("pausing the partitions"), "{log}");
     assert!(log.contains("resumed the paused partitions"), "{log}");
     drop(w);
+    env.cleanup().await;
+}
+
+/// librdkafka keeps a pause on a partition through its revocation and a later
+/// re-assignment. A worker whose partitions were paused for backpressure when
+/// a second worker joined (its resume then found no partitions to resume)
+/// gets partitions back after the rebalance, and when the second worker
+/// leaves, and must fetch from all of them. Before the fix, none ran again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_for_backpressure_runs_again_when_given_back_after_a_rebalance() {
+    let env = TestEnv::kafka_external_or_mock("kafka-pause-moved", 2).await;
+    let cfg = env.write_config(
+        "cronpipe.toml",
+        &format!(
+            r#"
+[worker]
+concurrency = 1
+[task.slow]
+handler = "exec"
+command = ["/bin/sh", "-c", "sleep 7"]
+{}"#,
+            recorded_job(&env)
+        ),
+    );
+    // One slow task holds a's only slot while jobs pile up on both
+    // partitions: after 5 s a pauses them all.
+    env.broker
+        .publish(&Envelope::new("slow", serde_json::json!(null)))
+        .await
+        .expect("publish");
+    let mut ids = publish_jobs(&env, 1000).await;
+    let a = env.worker_process(&cfg, "pa");
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            a.log_text().contains("pausing the partitions")
+        })
+        .await,
+        "a never paused\n{}",
+        a.log_text()
+    );
+    // b joins while a is paused; a drains its share and resumes what it
+    // still holds; then b leaves and a gets b's partitions back.
+    let mut b = env.worker_process(&cfg, "pb");
+    wait_shared(&env, &a, &b).await;
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            a.log_text().contains("resumed the paused partitions")
+        })
+        .await,
+        "a never resumed\n{}",
+        a.log_text()
+    );
+    b.signal(Signal::SIGTERM);
+    assert!(b.wait_exit(Duration::from_secs(40)), "b did not stop");
+    let total = 2 * env.partitions as usize;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            held_partitions(&a) == total
+        })
+        .await,
+        "a never got every partition back\n{}",
+        a.log_text()
+    );
+    // Jobs on both partitions now: a runs them all, the ones on the
+    // partition it had paused before the handover included.
+    ids.extend(publish_jobs(&env, 40).await);
+    let all_ran = wait_until(Duration::from_secs(30), || async {
+        env.runs().iter().collect::<HashSet<_>>().len() >= ids.len()
+    })
+    .await;
+    let ran: HashSet<String> = env.runs().into_iter().collect();
+    let missing: Vec<&String> = ids.iter().filter(|id| !ran.contains(*id)).collect();
+    assert!(
+        all_ran,
+        "{} jobs never ran, e.g. {:?}\n--- a ---\n{}\n--- b ---\n{}",
+        missing.len(),
+        missing.iter().take(3).collect::<Vec<_>>(),
+        a.log_text(),
+        b.log_text()
+    );
+    assert_eq!(env.runs().len(), ids.len(), "a job ran twice");
+    drop(a);
     env.cleanup().await;
 }
 

@@ -1385,20 +1385,39 @@ impl PollLoop {
             q.retain(|(d, _)| d.is_current());
             !q.is_empty()
         });
-        // A new assignment starts unpaused.
-        let retry = self.shared.topics.retry.clone();
-        let mut tpl = TopicPartitionList::new();
-        if self.bp_paused {
-            if let Ok(all) = self.consumer.assignment() {
-                tpl = all;
+        // librdkafka keeps an application's pause on a partition across its
+        // revocation and a later re-assignment (confluent-kafka-go#193), so
+        // a partition paused for backpressure, handed to another member and
+        // given back would never be fetched again. Every assignment is set
+        // to what this loop wants now: all paused while the backlog drains,
+        // else all running but the retry partitions holding a copy not yet due.
+        let all = match self.consumer.assignment() {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not read the new assignment to set its pauses");
+                TopicPartitionList::new()
             }
-        } else {
-            for p in self.held.keys() {
-                tpl.add_partition(&retry, *p);
+        };
+        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for e in all.elements() {
+            let held = self.shared.topics.lane(e.topic()) == Some(Lane::Retry)
+                && self.held.contains_key(&e.partition());
+            let list = if self.bp_paused || held {
+                &mut pause
+            } else {
+                &mut resume
+            };
+            list.add_partition(e.topic(), e.partition());
+        }
+        if pause.count() > 0 {
+            if let Err(e) = self.consumer.pause(&pause) {
+                tracing::warn!(error = %e, "Could not pause partitions after a rebalance");
             }
         }
-        if tpl.count() > 0 {
-            let _ = self.consumer.pause(&tpl);
+        if resume.count() > 0 {
+            if let Err(e) = self.consumer.resume(&resume) {
+                tracing::warn!(error = %e, "Could not resume partitions after a rebalance");
+            }
         }
         self.maybe_resume();
     }
