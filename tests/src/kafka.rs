@@ -89,6 +89,20 @@ impl MockKafka {
             .expect("mock broker up");
     }
 
+    /// Makes the broker answer the next `n` requests of kind `api` with `error`.
+    pub fn fail_requests(
+        &self,
+        api: rdkafka::types::RDKafkaApiKey,
+        error: rdkafka::types::RDKafkaRespErr,
+        n: usize,
+    ) {
+        self.owner
+            .client()
+            .mock_cluster()
+            .expect("mock cluster")
+            .request_errors(api, &vec![error; n]);
+    }
+
     /// Creates a topic (the mock does not implement the CreateTopics admin request).
     pub fn create_topic(&self, name: &str, partitions: i32) {
         self.owner

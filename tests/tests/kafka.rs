@@ -189,6 +189,39 @@ async fn a_slow_message_holds_the_committed_offset_until_it_finishes() {
     env.cleanup().await;
 }
 
+/// A commit the broker refuses is sent again, even when nothing else settles
+/// on that partition afterwards: the group's position must not stay behind
+/// finished work, or the partition's next owner would run it again. (rdkafka
+/// never reports how an async commit ended, so every settled offset is sent
+/// again every 5 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_offset_commit_is_sent_again_while_the_partition_is_idle() {
+    let env = TestEnv::kafka_mock("commit-refused", 1).await;
+    let config = env.config("[task.t]\nhandler = \"rust\"\n");
+    let registry = Registry::new().register("t", |_task: Task| async { Ok(()) });
+    env.mock().fail_requests(
+        rdkafka::types::RDKafkaApiKey::OffsetCommit,
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE,
+        1,
+    );
+    env.broker
+        .publish(&Envelope::new("t", serde_json::json!(null)))
+        .await
+        .expect("publish");
+    let mut w = env.spawn_worker(&config, "w1", registry).await;
+    w.until(REPORT_WAIT, |r| count(r, Settled::Success) == 1)
+        .await;
+    env.expect_committed(
+        env.topic(),
+        &[(0, Some(1))],
+        Duration::from_secs(10),
+        "the refused commit is sent again",
+    )
+    .await;
+    w.shutdown().await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_copy_not_yet_due_blocks_neither_work_nor_commits() {
     let env = TestEnv::kafka_mock("due", 1).await;

@@ -86,6 +86,13 @@ pub const HEADER_REQUEUED: &str = "x-cronpipe-requeued";
 
 /// How often the poll loop releases due retry messages, resumes and commits.
 const TICK: Duration = Duration::from_millis(25);
+/// How often every partition's committable offset is committed again, moved
+/// or not. rdkafka 0.39 never reports how a manual async commit ended (its
+/// commit callback is not called for them: librdkafka sends those results
+/// only to an `offset_commit_cb`, and rdkafka listens for events), so a commit
+/// the broker refused would otherwise stand until the partition's offset
+/// moves again, and an idle partition's next owner would rerun finished work.
+const RECOMMIT: Duration = Duration::from_secs(5);
 /// How long the poll loop may go without reading (every worker slot busy,
 /// the hand-off buffer full) before it pauses every partition and reads again.
 const STALL_PAUSE: Duration = Duration::from_secs(5);
@@ -494,6 +501,7 @@ impl Kafka {
             held: BTreeMap::new(),
             bp_paused: false,
             stalled_since: None,
+            recommitted: std::time::Instant::now(),
             high,
             low: high / 4,
         };
@@ -916,8 +924,9 @@ impl OffsetTracker {
     /// Stops tracking a revoked partition; returns the offset safe to commit
     /// if it differs from the last one committed.
     pub fn revoke(&mut self, lane: Lane, partition: i32) -> Option<i64> {
-        let state = self.parts.remove(&(lane, partition))?;
-        state.committable().filter(|c| Some(*c) != state.committed)
+        // Even when already sent: an async commit's failure goes unseen
+        // (see `RECOMMIT`), and this is the last chance to commit it.
+        self.parts.remove(&(lane, partition))?.committable()
     }
 
     /// Records a received message; returns the partition's epoch, or `None`
@@ -998,12 +1007,13 @@ impl OffsetTracker {
         self.parts.get(&(lane, partition))?.committable()
     }
 
-    /// Offsets that moved since last taken, marked as committed.
-    pub fn take_commits(&mut self) -> Vec<(Lane, i32, i64)> {
+    /// Offsets that moved since last taken (with `all`, every partition's
+    /// committable offset, moved or not), marked as committed.
+    pub fn take_commits(&mut self, all: bool) -> Vec<(Lane, i32, i64)> {
         let mut out = Vec::new();
         for ((lane, p), s) in self.parts.iter_mut() {
             if let Some(c) = s.committable() {
-                if s.committed != Some(c) {
+                if all || s.committed != Some(c) {
                     s.committed = Some(c);
                     out.push((*lane, *p, c));
                 }
@@ -1180,7 +1190,7 @@ impl ConsumerContext for ConsumerCtx {
         match result {
             Ok(()) => self.shared.kafka.set_connected(true),
             Err(e) => {
-                tracing::warn!(error = %e, "Offset commit failed; it is retried with the next one")
+                tracing::warn!(error = %e, "Offset commit failed; it is sent again within 5 s")
             }
         }
     }
@@ -1199,6 +1209,8 @@ struct PollLoop {
     bp_paused: bool,
     /// Since when `overflow` is full and the loop stopped reading messages.
     stalled_since: Option<std::time::Instant>,
+    /// When every partition's offset was last committed (see [`RECOMMIT`]).
+    recommitted: std::time::Instant,
     high: usize,
     low: usize,
 }
@@ -1243,7 +1255,7 @@ impl PollLoop {
         }
         drop(stream);
         // Final commit of everything settled, then leave the group.
-        let commits = self.shared.tracker().take_commits();
+        let commits = self.shared.tracker().take_commits(true);
         if !commits.is_empty() {
             let tpl = self.shared.commit_list(&commits);
             let consumer = self.consumer.clone();
@@ -1459,13 +1471,17 @@ impl PollLoop {
         }
         self.maybe_resume();
         self.pause_if_stalled();
-        let commits = self.shared.tracker().take_commits();
+        let all = self.recommitted.elapsed() >= RECOMMIT;
+        if all {
+            self.recommitted = std::time::Instant::now();
+        }
+        let commits = self.shared.tracker().take_commits(all);
         if !commits.is_empty() {
             if let Err(e) = self
                 .consumer
                 .commit(&self.shared.commit_list(&commits), CommitMode::Async)
             {
-                tracing::warn!(error = %e, "Offset commit failed; it is retried with the next one");
+                tracing::warn!(error = %e, "Offset commit failed; it is sent again within 5 s");
             }
         }
     }
@@ -1723,13 +1739,13 @@ mod tests {
             Some(10),
             "10 is still running"
         );
-        assert_eq!(t.take_commits(), vec![(Lane::Work, 0, 10)]);
+        assert_eq!(t.take_commits(false), vec![(Lane::Work, 0, 10)]);
         assert!(
-            t.take_commits().is_empty(),
+            t.take_commits(false).is_empty(),
             "unchanged offsets are not re-committed"
         );
         assert!(t.settle(Lane::Work, 0, 10, e));
-        assert_eq!(t.take_commits(), vec![(Lane::Work, 0, 15)]);
+        assert_eq!(t.take_commits(false), vec![(Lane::Work, 0, 15)]);
     }
 
     #[test]
@@ -1766,12 +1782,16 @@ mod tests {
     }
 
     #[test]
-    fn revoke_skips_an_offset_already_committed() {
+    fn settled_offsets_are_sent_again_on_the_full_round_and_at_revocation() {
+        // An async commit's outcome is never reported, so an offset once
+        // sent is sent again: with every full round, and on revocation.
         let mut t = OffsetTracker::default();
         let e = t.assign(Lane::Work, 0);
         t.received(Lane::Work, 0, 7);
         t.settle(Lane::Work, 0, 7, e);
-        assert_eq!(t.take_commits(), vec![(Lane::Work, 0, 8)]);
-        assert_eq!(t.revoke(Lane::Work, 0), None);
+        assert_eq!(t.take_commits(false), vec![(Lane::Work, 0, 8)]);
+        assert_eq!(t.take_commits(false), vec![]);
+        assert_eq!(t.take_commits(true), vec![(Lane::Work, 0, 8)]);
+        assert_eq!(t.revoke(Lane::Work, 0), Some(8));
     }
 }
