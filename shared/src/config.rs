@@ -527,6 +527,9 @@ fn task_key(name: &str, field: &str) -> String {
     key_path(&["task".into(), name.into(), field.into()])
 }
 
+/// Bounds of `producer.misfire_threshold` (see [`Config::validate`]).
+const MISFIRE_THRESHOLD_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const MISFIRE_THRESHOLD_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Accepted AMQP frame sizes, as `broker.rabbitmq.frame_max` or in the URL.
 const FRAME_MAX: std::ops::RangeInclusive<u32> = 4096..=131_072;
 const FRAME_MAX_RULE: &str =
@@ -712,6 +715,20 @@ impl Config {
                 quoted(&self.producer.lease_ttl.to_string()),
                 "expected at least 300ms, so renewals (every third of it) have time to complete"
                     .into(),
+            );
+        }
+        let threshold = self.producer.misfire_threshold.get();
+        if !(MISFIRE_THRESHOLD_MIN..=MISFIRE_THRESHOLD_MAX).contains(&threshold) {
+            push(
+                "producer.misfire_threshold".into(),
+                quoted(&self.producer.misfire_threshold.to_string()),
+                format!(
+                    "expected between {} and {}: a slot is always a little late when it \
+                     fires, so less would count every slot missed, and a slot later than \
+                     this is published as on time, outside the misfire policy and max_catchup",
+                    Dur(MISFIRE_THRESHOLD_MIN),
+                    Dur(MISFIRE_THRESHOLD_MAX)
+                ),
             );
         }
         if self.worker.concurrency == 0 {

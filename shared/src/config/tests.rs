@@ -939,6 +939,27 @@ fn lease_ttl_too_small_is_rejected() {
 }
 
 #[test]
+fn misfire_threshold_must_leave_room_for_firing_and_the_misfire_policy() {
+    for ok in ["100ms", "1h"] {
+        let c = parse_ok(&format!("[producer]\nmisfire_threshold = \"{ok}\"\n"), &[]);
+        assert_eq!(c.producer.misfire_threshold.to_string(), ok);
+    }
+    for bad in ["0s", "99ms", "1day"] {
+        let e = only_error(&format!("[producer]\nmisfire_threshold = \"{bad}\"\n"), &[]);
+        check(
+            &e,
+            "producer.misfire_threshold",
+            &format!("\"{bad}\""),
+            &[
+                "between 100ms and 1h",
+                "count every slot missed",
+                "max_catchup",
+            ],
+        );
+    }
+}
+
+#[test]
 fn redis_wait_timeout_must_fit_the_lease() {
     // Off by default; the timeout is then not checked.
     let c = parse_ok("[redis]\nwait_timeout = \"0s\"\n", &[]);
