@@ -4,7 +4,8 @@
 //! warning:
 //! duplicates run once, retries back off through the broker, permanent and
 //! unusable messages are dead-lettered with their reason, crashes count as
-//! attempts, timeouts kill whole process groups, panics are contained,
+//! attempts (a retry whose count in Redis expired still stops at
+//! max_attempts), timeouts kill whole process groups, panics are contained,
 //! shutdown drains or hands back, per-task limits hold, and the `http` and
 //! example Rust handlers behave as documented.
 
@@ -130,6 +131,54 @@ async fn failing_twice_then_succeeding_runs_three_times_with_growing_delays(env:
     assert!(env.drain(Destination::Work).await.is_empty());
     assert!(env.drain_retry_copies(&[400, 800]).await.is_empty());
     assert!(env.drain_dead_letters().await.is_empty());
+    env.cleanup().await;
+}
+
+broker_test!(a_retry_whose_attempt_count_expired_still_stops_at_max_attempts);
+/// The attempt count in Redis lives for `done_ttl`; a retry copy that waits
+/// longer (a long `Retry-After`, say) finds it gone. Here the handler
+/// deletes it to stand for that expiry: the retry copy's own attempt number
+/// still counts, so the task is dead-lettered at max_attempts instead of
+/// starting over at attempt 1 forever.
+async fn a_retry_whose_attempt_count_expired_still_stops_at_max_attempts(env: TestEnv) {
+    let config = env.config(
+        "[task.flaky]\nhandler = \"rust\"\nretry = { max_attempts = 2, initial_delay = \"100ms\", jitter = 0.0 }\n",
+    );
+    let store = env.store.clone();
+    let registry = Registry::new().register("flaky", move |t: Task| {
+        let store = store.clone();
+        async move {
+            let mut c = store.connection();
+            let _: i64 = redis::cmd("DEL")
+                .arg(store.keys().attempts(t.envelope.key()))
+                .query_async(&mut c)
+                .await
+                .expect("redis");
+            Err(TaskError::retryable(format!("failure {}", t.attempt)))
+        }
+    });
+    let mut w = start(&env, &config, "w-expired", registry).await;
+    env.broker
+        .publish(&Envelope::new("flaky", json!(null)))
+        .await
+        .expect("publish");
+    let reports = w
+        .until(LONG, |r| {
+            count(r, Settled::DeadLetter) == 1 || count(r, Settled::Retry) > 3
+        })
+        .await;
+    w.shutdown().await;
+    let settled: Vec<(Settled, Option<u32>)> =
+        reports.iter().map(|r| (r.settled, r.attempt)).collect();
+    assert_eq!(
+        settled,
+        vec![(Settled::Retry, Some(1)), (Settled::DeadLetter, Some(2))]
+    );
+    let dead = wait_dead_letters(&env, 1, LONG).await;
+    assert_eq!(
+        (dead[0].reason, dead[0].attempts),
+        (DeadReason::MaxAttempts, 2)
+    );
     env.cleanup().await;
 }
 

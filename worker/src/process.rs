@@ -416,7 +416,11 @@ async fn process_envelope(
             tracing::info!(owner = %owner, recheck_in_ms = delay.as_millis() as u64, "Task in progress elsewhere; deferred");
             return (Box::pin(defer(ctx, delivery, &env, delay)).await, None);
         }
-        Ok(Claim::Claimed { attempt }) => attempt,
+        // Redis counts attempts (crashed ones too); a retry copy also
+        // carries its number, which stands when the count has expired
+        // meanwhile (a retry delay or Retry-After longer than done_ttl), so
+        // the task still reaches max_attempts instead of retrying forever.
+        Ok(Claim::Claimed { attempt }) => attempt.max(env.attempt),
     };
     if attempt > policy.max_attempts {
         let error = format!(
