@@ -182,6 +182,49 @@ async fn a_retry_whose_attempt_count_expired_still_stops_at_max_attempts(env: Te
     env.cleanup().await;
 }
 
+broker_test!(a_handler_that_completes_when_cancelled_at_its_timeout_counts_as_success);
+/// At its timeout a task is told to stop (`Task::cancel`) and given 5 s; a
+/// handler that answers with success finished its work, so no retry runs it
+/// again. One that stops with an error, or not at all, is retried.
+async fn a_handler_that_completes_when_cancelled_at_its_timeout_counts_as_success(env: TestEnv) {
+    let config = env.config(
+        "[task.commit]\nhandler = \"rust\"\ntimeout = \"300ms\"\nretry = { max_attempts = 2, initial_delay = \"100ms\" }\n\n[task.stuck]\nhandler = \"rust\"\ntimeout = \"300ms\"\nretry = { max_attempts = 2, initial_delay = \"100ms\" }\n",
+    );
+    let registry = Registry::new()
+        .register("commit", |t: Task| async move {
+            t.cancel.cancelled().await;
+            Ok(())
+        })
+        .register("stuck", |t: Task| async move {
+            t.cancel.cancelled().await;
+            Err(TaskError::retryable("stopped"))
+        });
+    let mut w = start(&env, &config, "w-late", registry).await;
+    let commit = Envelope::new("commit", json!(null));
+    let stuck = Envelope::new("stuck", json!(null));
+    env.broker.publish(&commit).await.expect("publish");
+    env.broker.publish(&stuck).await.expect("publish");
+    let reports = w
+        .until(LONG, |r| {
+            count(r, Settled::Success) + count(r, Settled::DeadLetter) == 2
+        })
+        .await;
+    w.shutdown().await;
+    let of = |id: &str| {
+        reports
+            .iter()
+            .filter(|r| r.id.as_deref() == Some(id))
+            .map(|r| (r.settled, r.attempt))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of(&commit.id), vec![(Settled::Success, Some(1))]);
+    assert_eq!(
+        of(&stuck.id),
+        vec![(Settled::Retry, Some(1)), (Settled::DeadLetter, Some(2))]
+    );
+    env.cleanup().await;
+}
+
 broker_test!(permanent_error_goes_to_the_dead_letter_queue_at_once_with_its_reason);
 async fn permanent_error_goes_to_the_dead_letter_queue_at_once_with_its_reason(env: TestEnv) {
     let config = env.config("[task.bill]\nhandler = \"rust\"\nretry = { max_attempts = 5 }\n");

@@ -491,9 +491,14 @@ async fn run_claimed(
             _ = &mut deadline => {
                 cancel.cancel();
                 // Let the handler clean up (exec kills its process group), briefly;
-                // dropping it afterwards aborts whatever is left.
-                let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
-                break Err(TaskError::retryable(format!("timed out after {}", humantime::format_duration(timeout))));
+                // dropping it afterwards aborts whatever is left. A handler
+                // that answers the cancel with success finished its work:
+                // retrying would run it again.
+                let timed_out = || Err(TaskError::retryable(format!("timed out after {}", humantime::format_duration(timeout))));
+                break match tokio::time::timeout(Duration::from_secs(5), &mut running).await {
+                    Ok(Ok(Ok(()))) => Ok(()),
+                    _ => timed_out(),
+                };
             }
             _ = abort.cancelled() => {
                 cancel.cancel();
