@@ -247,13 +247,7 @@ async fn run_rabbit(ctx: &Ctx<'_>, rabbit: &Rabbit) -> Result<Outcome, BrokerErr
         match ctx.action {
             Action::Look => {}
             Action::Purge => {
-                msg.delivery
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map_err(|e| {
-                        BrokerError::Unavailable(format!("removing a dead letter: {e}"))
-                    })?;
+                remove(&msg.delivery.acker, "removing a dead letter").await?;
                 out.settled += 1;
             }
             Action::Replay => match record.as_ref().and_then(|r| r.envelope.clone()) {
@@ -261,15 +255,12 @@ async fn run_rabbit(ctx: &Ctx<'_>, rabbit: &Rabbit) -> Result<Outcome, BrokerErr
                 Some(env) => {
                     // Confirmed republish first, then remove the dead letter.
                     replay(ctx, env).await?;
-                    msg.delivery
-                        .acker
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .map_err(|e| {
-                            BrokerError::Unavailable(format!(
-                                "removing a replayed dead letter: {e}"
-                            ))
-                        })?;
+                    remove(
+                        &msg.delivery.acker,
+                        "removing a replayed dead letter (its copy is already \
+                         republished; remove it by id rather than replay it again)",
+                    )
+                    .await?;
                     out.settled += 1;
                 }
             },
@@ -279,6 +270,18 @@ async fn run_rabbit(ctx: &Ctx<'_>, rabbit: &Rabbit) -> Result<Outcome, BrokerErr
     // Everything still unacked goes back to the queue.
     let _ = ch.close(200, "done".into()).await;
     Ok(out)
+}
+
+/// Acks a dead letter away; an ack lapin could not send (its channel is
+/// gone, so the message goes back to the queue) is an error, not a removal.
+async fn remove(acker: &lapin::Acker, what: &str) -> Result<(), BrokerError> {
+    match acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(BrokerError::Unavailable(format!(
+            "{what}: the channel is gone, so the dead letter stays in the queue"
+        ))),
+        Err(e) => Err(BrokerError::Unavailable(format!("{what}: {e}"))),
+    }
 }
 
 async fn run_kafka(ctx: &Ctx<'_>, kafka: &Kafka) -> Result<Outcome, BrokerError> {
