@@ -140,6 +140,9 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    for warning in config.schedule_warnings() {
+        println!("{}: {warning}", path.display());
+    }
     println!(
         "{}: ok ({} schedule{}, {} task{})",
         path.display(),
@@ -226,6 +229,9 @@ async fn async_run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     spawn_signals(shutdown.clone(), path.clone(), tx)?;
     let opts = cronpipe_producer::Options::from_config(&config);
     tracing::info!(instance = %opts.instance_id, config = %path.display(), schedules = config.schedules.len(), "Producer starting");
+    for warning in config.schedule_warnings() {
+        tracing::warn!(config = %path.display(), "{warning}");
+    }
     let Some((store, broker)) = cronpipe_producer::connect(&config, &opts.instance_id, &shutdown)
         .await
         .context("connecting")?

@@ -862,7 +862,7 @@ impl Config {
             .get()
     }
 
-    /// Advisories that do not stop the config from loading: task timeouts at
+    /// The worker's advisories that do not stop the config from loading: task timeouts at
     /// or above RabbitMQ's default `consumer_timeout` (the broker would close
     /// the channel of a worker still holding such a task's delivery).
     pub fn warnings(&self) -> Vec<String> {
@@ -893,6 +893,25 @@ impl Config {
             }
         }
         out
+    }
+
+    /// The producer's advisories: one per schedule with no slot left (its
+    /// cron year or ISO repetition count is over), which stays loaded and
+    /// publishes nothing. ([`Config::warnings`] are the worker's.)
+    pub fn schedule_warnings(&self) -> Vec<String> {
+        let now = Utc::now();
+        self.schedules
+            .iter()
+            .filter_map(|(name, s)| {
+                let built = s.build(name).ok()?;
+                built.schedule.next_after(now).is_none().then(|| {
+                    format!(
+                        "warning: {} has no slot after now (its last one has passed); it publishes nothing more",
+                        key_path(&["schedule".into(), name.clone()])
+                    )
+                })
+            })
+            .collect()
     }
 
     /// The per-task concurrency limit of `task`, if it has one.
@@ -1170,13 +1189,15 @@ impl ScheduleConfig {
             }
             Schedule::Iso(schedule::parse_iso_repeat(iso).map_err(|m| fail("iso", quoted(iso), m))?)
         };
-        // Interval and ISO schedules may have ended; cron must have a next time.
+        // A schedule may have ended (a cron year, an ISO count): it plans
+        // nothing more, and `Config::warnings` says so. A cron that matches no
+        // time at all (`0 0 0 30 2 *`) is a mistake.
         if let Some(expr) = &self.cron {
-            if built.next_after(Utc::now()).is_none() {
+            if built.next_after(schedule::epoch()).is_none() {
                 return Err(fail(
                     "cron",
                     quoted(expr),
-                    "the expression never fires again; expected one with a future fire time".into(),
+                    "the expression matches no time at all; expected one that fires".into(),
                 ));
             }
         }

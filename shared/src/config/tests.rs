@@ -387,16 +387,33 @@ fn cron_with_wrong_field_count_is_rejected() {
 }
 
 #[test]
-fn cron_that_never_fires_again_is_rejected() {
+fn cron_that_matches_no_time_is_rejected_and_one_that_ended_is_a_warning() {
     let e = only_error(
-        &schedule("x", "cron = \"0 0 0 1 1 * 2020\"\ntask = \"report\""),
+        &schedule("x", "cron = \"0 0 0 30 2 *\"\ntask = \"report\""),
         &[],
     );
     check(
         &e,
         "schedule \"x\".cron",
-        "\"0 0 0 1 1 * 2020\"",
-        &["never fires again"],
+        "\"0 0 0 30 2 *\"",
+        &["matches no time at all"],
+    );
+    // Fired for the last time in 2020: a config that loaded then still
+    // loads, and says the schedule is over.
+    let c = parse_ok(
+        &schedule("x", "cron = \"0 0 0 1 1 * 2020\"\ntask = \"report\""),
+        &[],
+    );
+    assert_eq!(
+        c.schedule_warnings(),
+        vec![
+            "warning: schedule \"x\" has no slot after now (its last one has passed); it publishes nothing more"
+        ]
+    );
+    assert!(
+        parse_ok(&schedule("y", "cron = \"@daily\"\ntask = \"report\""), &[])
+            .schedule_warnings()
+            .is_empty()
     );
 }
 
