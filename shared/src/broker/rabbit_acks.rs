@@ -20,7 +20,9 @@
 //! - after a channel recovers, its tags restart at 1. lapin poisons the old
 //!   incarnation's ackers before the channel reconnects, and [`track`] drops
 //!   poisoned entries before it tracks the first delivery of the new one, so
-//!   old and new tags never mix. A poisoned entry never joins a `multiple` run.
+//!   old and new tags never mix. A poisoned entry never joins a `multiple` run,
+//!   and a delivery with a poisoned acker never finishes or forgets a slot
+//!   (its tag may be a new delivery's by then).
 //!
 //! A delivery dropped without being settled (the worker leaves it for
 //! redelivery at shutdown) stays tracked and unfinished: acks above it are
@@ -140,10 +142,20 @@ impl AckCoalescer {
     }
 
     /// Hands a finished delivery's ack to the flusher. `None` when it is not
-    /// tracked (or the consumer is gone): the caller acks it directly.
-    pub(crate) fn finish(&self, tag: u64) -> Option<oneshot::Receiver<BrokerResult<()>>> {
+    /// tracked, its channel incarnation is gone, or the consumer is gone: the
+    /// caller acks it directly (lapin refuses a poisoned acker).
+    pub(crate) fn finish(
+        &self,
+        tag: u64,
+        acker: &Acker,
+    ) -> Option<oneshot::Receiver<BrokerResult<()>>> {
         let mut s = self.lock();
-        if s.closed {
+        // After a recovery the tag may belong to a delivery of the new
+        // incarnation: settling it would ack that one while it still runs.
+        // lapin poisons this acker before the channel reconnects, and a
+        // poisoned acker stays poisoned, so a live one here means no
+        // recovery since this delivery arrived and the slot is its own.
+        if s.closed || acker.poisoned() {
             return None;
         }
         let slot = s.unsettled.get_mut(&tag)?;
@@ -154,8 +166,14 @@ impl AckCoalescer {
         Some(rx)
     }
 
-    /// Stops tracking a delivery whose nack (or reject) frame has been written.
-    pub(crate) fn forget(&self, tag: u64) {
+    /// Stops tracking a delivery whose nack (or reject) frame has been
+    /// written. Its channel incarnation gone, the tag may be another
+    /// delivery's (see [`AckCoalescer::finish`]); its own slot, if still
+    /// there, is dropped with the other stale ones.
+    pub(crate) fn forget(&self, tag: u64, acker: &Acker) {
+        if acker.poisoned() {
+            return;
+        }
         let removed = self.lock().unsettled.remove(&tag);
         if removed.is_some() {
             // Finished deliveries above it may now form a run.
@@ -239,5 +257,118 @@ async fn flusher(c: Arc<AckCoalescer>) {
                 answer(w, &result);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    use super::*;
+
+    fn rabbitmqctl(args: &[&str]) {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("rabbitmqctl (RabbitMQ's CLI) on PATH");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Deletes its vhost when dropped, so a failed test leaves nothing behind.
+    struct Vhost(String);
+
+    impl Drop for Vhost {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["delete_vhost", &self.0])
+                .output();
+        }
+    }
+
+    /// Against the local RabbitMQ, in a vhost of its own: a delivery of a
+    /// connection that failed finishes after the recovered channel handed
+    /// its tag out again; its ack must not settle the new delivery (which
+    /// would ack that one while it still runs).
+    #[tokio::test]
+    async fn a_finish_from_before_a_connection_recovery_never_settles_the_new_tag() {
+        let vhost = format!("cptest-acks-unit-{}", uuid::Uuid::new_v4());
+        rabbitmqctl(&["add_vhost", &vhost]);
+        let _guard = Vhost(vhost.clone());
+        rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+        let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+        let conn = Connection::connect(&url, ConnectionProperties::default().enable_auto_recover())
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672 (scripts/services.sh starts it)");
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(
+            "q".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.basic_publish(
+            "".into(),
+            "q".into(),
+            BasicPublishOptions::default(),
+            b"m",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                "q".into(),
+                "acks-unit".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let coalescer = AckCoalescer::start();
+        let old = consumer.next().await.unwrap().unwrap();
+        coalescer.track(old.delivery_tag, &old.acker);
+
+        // The broker drops the connection; lapin reconnects, the unacked
+        // message comes again under a restarted tag.
+        rabbitmqctl(&["close_all_connections", "-p", &vhost, "acks unit test"]);
+        let new = loop {
+            match consumer.next().await.expect("consumer stream") {
+                Ok(d) => break d,
+                Err(e) => ch.wait_for_recovery(e).await.expect("recovery"),
+            }
+        };
+        assert!(old.acker.poisoned() && !new.acker.poisoned());
+        assert_eq!(old.delivery_tag, new.delivery_tag, "tags restart at 1");
+        coalescer.track(new.delivery_tag, &new.acker);
+
+        assert!(coalescer.finish(old.delivery_tag, &old.acker).is_none());
+        coalescer.forget(old.delivery_tag, &old.acker);
+        {
+            let s = coalescer.lock();
+            let slot = s
+                .unsettled
+                .get(&new.delivery_tag)
+                .expect("the old delivery's forget left the new one tracked");
+            assert!(
+                slot.done.is_none(),
+                "the old delivery's finish marked the new one done"
+            );
+        }
+        // The new delivery's own finish is acked.
+        let sent = coalescer
+            .finish(new.delivery_tag, &new.acker)
+            .expect("tracked");
+        sent.await.unwrap().expect("acked");
+        let _ = conn.close(200, "done".into()).await;
     }
 }

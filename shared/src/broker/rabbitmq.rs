@@ -558,7 +558,7 @@ impl RabbitDelivery {
     /// Acks (coalesced with other finished deliveries of the channel; returns
     /// once the ack frame covering this delivery was sent).
     pub async fn ack(self) -> BrokerResult<()> {
-        if let Some(sent) = self.acks.finish(self.inner.delivery_tag) {
+        if let Some(sent) = self.acks.finish(self.inner.delivery_tag, &self.inner.acker) {
             return sent.await.unwrap_or_else(|_| {
                 Err(BrokerError::Unavailable(
                     "ack not sent: the consumer is gone; the broker will redeliver".into(),
@@ -586,7 +586,7 @@ impl RabbitDelivery {
             .await;
         // Only once the nack frame is written may a `multiple` ack pass this tag.
         if matches!(sent, Ok(true)) {
-            self.acks.forget(self.inner.delivery_tag);
+            self.acks.forget(self.inner.delivery_tag, &self.inner.acker);
         }
         sent.map(|_| ()).map_err(|e| unavailable("requeueing", e))
     }
