@@ -1,7 +1,7 @@
 //! Worker guarantees against real Redis and each broker (RabbitMQ, and
 //! Kafka on librdkafka's mock cluster), one property per test, each written
 //! once and run on both (`broker_test!`) except the RabbitMQ consumer-timeout
-//! warning:
+//! warning and the unwritable dead-letter queue:
 //! duplicates run once, retries back off through the broker, permanent and
 //! unusable messages are dead-lettered with their reason, crashes count as
 //! attempts (a retry whose count in Redis expired still stops at
@@ -954,6 +954,57 @@ async fn example_custom_handler_succeeds_retries_and_dead_letters(env: TestEnv) 
         Some(nobody.id.as_str())
     );
     assert!(dead[0].error.contains("no `name`"), "{}", dead[0].error);
+    env.cleanup().await;
+}
+
+/// A dead-letter queue that refuses the record (deleted here, so the dead
+/// letter comes back unroutable) must not make the message spin: the broker
+/// hands a returned message out again at once, so the worker waits 500 ms,
+/// then 1 s, 2 s, … before returning it. Once the queue is back, the dead
+/// letter is written, once. (RabbitMQ only: the wait is broker-independent
+/// code, and the mock Kafka cluster cannot refuse one topic's writes quickly.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_dead_letter_queue_returns_the_message_with_growing_waits_and_loses_nothing()
+{
+    let env = TestEnv::new("dlq-refused").await;
+    let config = env.config("[task.known]\nhandler = \"rust\"\n");
+    let registry = Registry::new().register("known", |_t: Task| async { Ok(()) });
+    let mut w = start(&env, &config, "w-dlq", registry).await;
+    let dlq = format!("{}.dlq", env.queue);
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["delete_queue", &dlq])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(out.status.success(), "delete_queue: {out:?}");
+    let e = Envelope::new("no-such-task", json!(null));
+    env.broker.publish(&e).await.expect("publish");
+    let mut returned = Vec::new();
+    for _ in 0..3 {
+        let r = w.next(LONG).await;
+        assert_eq!(
+            (r.settled, r.id.as_deref()),
+            (Settled::Returned, Some(e.id.as_str()))
+        );
+        returned.push(Instant::now());
+    }
+    let (gap1, gap2) = (returned[1] - returned[0], returned[2] - returned[1]);
+    eprintln!("returned after waits of about 1 s and 2 s: {gap1:?}, {gap2:?}");
+    assert!(
+        gap1 >= Duration::from_millis(900) && gap2 >= Duration::from_millis(1900),
+        "the waits before returning the message did not grow: {gap1:?}, {gap2:?}"
+    );
+    // The queue back (declared again, as at startup): the next try writes
+    // the dead letter and acks the message.
+    let again = cronpipe_shared::Broker::connect(&env.broker_config(), "dlq-back")
+        .await
+        .expect("connect");
+    again.close().await;
+    w.until(LONG, |r| count(r, Settled::DeadLetter) == 1).await;
+    w.shutdown().await;
+    let dead = wait_dead_letters(&env, 1, LONG).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, DeadReason::UnknownTask);
+    assert!(env.drain(Destination::Work).await.is_empty());
     env.cleanup().await;
 }
 

@@ -191,6 +191,7 @@ pub async fn run(
             concurrency,
         ),
         stopping: shutdown.clone(),
+        dead_letter_failures: Default::default(),
     });
     let tag = format!("{}-{:08x}", opts.instance_id, rand::random::<u32>());
     // On Kafka a rebalance gives the revoked partitions' running tasks the

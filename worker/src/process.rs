@@ -47,6 +47,19 @@ pub struct Ctx {
     pub limits: TaskLimits,
     /// Cancelled when the worker stops taking deliveries.
     pub stopping: CancellationToken,
+    /// Dead letters that could not be published since the last one that
+    /// could (see [`dead_letter_backoff`]).
+    pub dead_letter_failures: std::sync::atomic::AtomicU32,
+}
+
+/// How long a delivery whose dead letter could not be published waits
+/// before it goes back to the broker: 500 ms doubling per failure in a row,
+/// at most 30 s. The broker hands it out again at once, so without the wait
+/// a dead-letter queue or topic that refuses writes (deleted, no ACL, the
+/// record too large) would spin every such message through the worker.
+pub fn dead_letter_backoff(failures_in_a_row: u32) -> Duration {
+    let doublings = failures_in_a_row.saturating_sub(1).min(6);
+    (Duration::from_millis(500) * (1 << doublings)).min(Duration::from_secs(30))
 }
 
 /// How a delivery ended, for metrics and tests.
@@ -660,6 +673,7 @@ async fn settle_dead(
     // The dead letter must be confirmed before the original is acked.
     match ctx.broker.publish_dead_letter(&record).await {
         Ok(()) => {
+            ctx.dead_letter_failures.store(0, Ordering::Relaxed);
             if let Some(key) = key {
                 if let Err(e) = with_redis_retry("Recording the dead letter", || {
                     ctx.store
@@ -674,7 +688,13 @@ async fn settle_dead(
             Settled::DeadLetter
         }
         Err(e) => {
-            tracing::error!(error = %e, "Could not publish the dead letter; returning the message to the broker");
+            let failures = ctx.dead_letter_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            let wait = dead_letter_backoff(failures);
+            tracing::error!(error = %e, failures_in_a_row = failures, wait_ms = wait.as_millis() as u64, "Could not publish the dead letter; returning the message to the broker after a wait");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = ctx.stopping.cancelled() => {}
+            }
             give_back(ctx, delivery, key).await
         }
     }
