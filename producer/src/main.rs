@@ -89,9 +89,9 @@ enum Command {
         /// Start after this RFC 3339 instant (default: now).
         #[arg(long)]
         from: Option<String>,
-        /// How many instants.
-        #[arg(short = 'n', default_value_t = 5)]
-        n: usize,
+        /// How many instants (1 to 10000).
+        #[arg(short = 'n', default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        n: u64,
         /// Anchor of an interval expression (RFC 3339; default 1970-01-01T00:00:00Z).
         #[arg(long)]
         anchor: Option<String>,
@@ -107,7 +107,7 @@ fn main() -> ExitCode {
             from,
             n,
             anchor,
-        } => next(&expr, &tz, from.as_deref(), n, anchor.as_deref()),
+        } => next(&expr, &tz, from.as_deref(), n as usize, anchor.as_deref()),
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
         Command::Status { config, json } => {

@@ -691,3 +691,36 @@ async fn admin_api_requires_the_token_and_names_bad_fields(env: TestEnv) {
     drop(producer);
     env.cleanup().await;
 }
+
+/// `producer next` prints wall-clock slots across a DST change once each
+/// (a list of hours, 2026-11-01 in New York), and bounds `-n`.
+#[test]
+fn producer_next_prints_slots_and_names_a_bad_count() {
+    let (code, out, err) = cli(
+        "producer",
+        &[
+            "next",
+            "0 30 1,13 * * *",
+            "--tz",
+            "America/New_York",
+            "--from",
+            "2026-11-01T04:00:00Z",
+            "-n",
+            "3",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec![
+            "2026-11-01T01:30:00-04:00",
+            "2026-11-01T13:30:00-05:00",
+            "2026-11-02T01:30:00-05:00"
+        ]
+    );
+    for bad in ["0", "18446744073709551615"] {
+        let (code, _, err) = cli("producer", &["next", "0 * * * *", "-n", bad]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("-n <N>") && err.contains("1..=10000"), "{err}");
+    }
+}
