@@ -383,20 +383,32 @@ impl Store {
         Ok(value.map(|v| (v, Duration::from_millis(pttl.max(0) as u64))))
     }
 
-    /// Watermarks of all schedules.
+    /// Watermarks of all schedules. A field that is not milliseconds since
+    /// the epoch (written by hand, say) is logged at ERROR and left out, so
+    /// that schedule starts from now and its next watermark replaces it; it
+    /// does not stop every schedule.
     pub async fn watermarks(&self) -> StoreResult<HashMap<String, DateTime<Utc>>> {
         let mut c = self.conn();
-        let raw: HashMap<String, i64> = c.hgetall(self.keys.watermarks()).await?;
-        raw.into_iter()
-            .map(|(k, v)| {
-                Utc.timestamp_millis_opt(v)
-                    .single()
-                    .map(|t| (k, t))
-                    .ok_or_else(|| {
-                        StoreError::Unexpected(format!("watermark {v} is not an instant"))
-                    })
+        let key = self.keys.watermarks();
+        let raw: HashMap<String, String> = c.hgetall(&key).await?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(schedule, v)| {
+                let t = v
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(|ms| Utc.timestamp_millis_opt(ms).single());
+                if t.is_none() {
+                    tracing::error!(
+                        key = %key,
+                        schedule = %schedule,
+                        value = %v,
+                        "Watermark is not milliseconds since the epoch; ignored (the schedule starts from now)"
+                    );
+                }
+                Some((schedule, t?))
             })
-            .collect()
+            .collect())
     }
 
     /// Advances watermarks (never backwards), only if `lease_value` still holds the lease.

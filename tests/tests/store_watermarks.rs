@@ -89,3 +89,44 @@ async fn only_the_dlq_lock_holder_renews_or_releases_it() {
     assert_eq!(s.dlq_lock("tool-b", TTL).await.unwrap(), Ok(()));
     assert!(s.dlq_unlock("tool-b").await.unwrap());
 }
+
+/// A watermark field that is not milliseconds since the epoch (an operator's
+/// `HSET … "2026-01-01T00:00:00Z"`) is left out, not an error for every
+/// schedule, and the next advance replaces it.
+#[tokio::test]
+async fn a_malformed_watermark_is_ignored_and_replaced() {
+    let s = store().await;
+    let slot = Utc.timestamp_millis_opt(1_790_000_000_000).unwrap();
+    let lease = take_lease(&s, "producer-a").await;
+    assert!(s
+        .advance_watermarks(&lease, &[("hourly", slot)])
+        .await
+        .unwrap());
+    let mut c = s.connection();
+    let _: i64 = redis::cmd("HSET")
+        .arg(s.keys().watermarks())
+        .arg("nightly")
+        .arg("2026-01-01T00:00:00Z")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let marks = s.watermarks().await.expect("the other watermarks are read");
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    assert_eq!(marks.get("hourly"), Some(&slot));
+    assert!(s
+        .advance_watermarks(
+            &lease,
+            &[
+                ("nightly", slot),
+                ("hourly", slot + chrono::Duration::hours(1))
+            ]
+        )
+        .await
+        .expect("the advance script copes with the bad field"));
+    let marks = s.watermarks().await.unwrap();
+    assert_eq!(marks.get("nightly"), Some(&slot));
+    assert_eq!(
+        marks.get("hourly"),
+        Some(&(slot + chrono::Duration::hours(1)))
+    );
+}

@@ -6,7 +6,8 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 for i = 2, #ARGV, 2 do
-  local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '-1')
+  -- A value that is not a number (written by hand) is replaced.
+  local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '') or -1
   if tonumber(ARGV[i + 1]) > cur then
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   end
