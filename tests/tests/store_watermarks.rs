@@ -2,7 +2,7 @@
 //! or removes schedule watermarks, so a deposed producer that has not
 //! noticed yet (working from an older config) cannot erase what the current
 //! leader relies on; only the holder of the dead-letter tools' lock renews or
-//! releases it.
+//! releases it. A malformed watermark stops nothing and is replaced.
 
 use std::time::Duration;
 
