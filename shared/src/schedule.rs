@@ -272,8 +272,14 @@ impl IsoRepeat {
             let step = self.approx_seconds().max(1);
             u32::try_from((elapsed / step).saturating_sub(2).max(0)).unwrap_or(u32::MAX)
         };
-        // A month step is at most 31/28 of its estimate: walk back to be safe.
-        k = k.saturating_sub(k / 9);
+        // Without months every step has the same length (days are 86,400 s
+        // in a fixed offset), so the estimate is exact to within the two
+        // steps taken off above. A month step is at most 31/28 of its
+        // estimate: walk back to be safe (month counts stay small, so the
+        // walk does too; with seconds alone it would be millions of steps).
+        if self.period.months > 0 {
+            k = k.saturating_sub(k / 9);
+        }
         while k <= last {
             let slot = self.slot(k)?;
             if slot > after {
@@ -595,6 +601,26 @@ mod tests {
                 "2026-11-01T01:30:00-04:00",
                 "2026-11-02T01:30:00-05:00",
             ]
+        );
+    }
+
+    #[test]
+    fn a_short_iso_period_from_long_ago_steps_to_the_next_slot() {
+        // About 217 million one-second steps since the start: the slot
+        // right after `after` (this walked back 24 million slots per call).
+        let s = Schedule::Iso(parse_iso_repeat("R/2020-01-01T00:00:00Z/PT1S").unwrap());
+        assert_eq!(
+            s.next_after(utc("2026-11-22T02:55:43.5Z")),
+            Some(utc("2026-11-22T02:55:44Z"))
+        );
+        assert_eq!(
+            s.next_after(utc("2026-11-22T02:55:44Z")),
+            Some(utc("2026-11-22T02:55:45Z"))
+        );
+        let s = Schedule::Iso(parse_iso_repeat("R/2020-01-01T00:00:00+05:30/P1DT1S").unwrap());
+        assert_eq!(
+            s.next_after(utc("2026-11-22T00:00:00Z")),
+            Some(utc("2026-11-22T19:11:58Z"))
         );
     }
 
