@@ -121,13 +121,26 @@ fn publish_backoff() -> backon::ExponentialBackoff {
         .build()
 }
 
+/// Stored watermarks and the timing each was written under.
+struct Marks {
+    at: HashMap<String, DateTime<Utc>>,
+    timing: HashMap<String, String>,
+}
+
+async fn read_marks(store: &Store) -> Result<Marks, cronpipe_shared::store::StoreError> {
+    Ok(Marks {
+        at: store.watermarks().await?,
+        timing: store.watermark_timings().await?,
+    })
+}
+
 async fn load(ctx: &mut Ctx<'_>, lease: &Lease) -> Option<State> {
     let defs = ctx.schedules.borrow_and_update().clone();
     let marks = loop {
         if !lease.is_valid() || ctx.shutdown.is_cancelled() {
             return None;
         }
-        match ctx.store.watermarks().await {
+        match read_marks(ctx.store).await {
             Ok(m) => break m,
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot read watermarks; retrying");
@@ -140,7 +153,7 @@ async fn load(ctx: &mut Ctx<'_>, lease: &Lease) -> Option<State> {
 
 fn build_state(
     defs: &Arc<Vec<BuiltSchedule>>,
-    marks: &HashMap<String, DateTime<Utc>>,
+    marks: &Marks,
     now: DateTime<Utc>,
     previous: Option<&State>,
 ) -> State {
@@ -161,7 +174,9 @@ fn build_state(
         .unwrap_or_default();
     for def in defs.iter() {
         let idx = state.entries.len();
-        let (cursor, fresh) = match (old.get(def.name.as_str()), marks.get(&def.name)) {
+        let timing = def.schedule.timing_key();
+        let stored_timing = marks.timing.get(&def.name);
+        let (cursor, fresh) = match (old.get(def.name.as_str()), marks.at.get(&def.name)) {
             // A changed expression's slots are not the old one's: the schedule
             // continues from now under its new timing, without catching up
             // slots the new timing would have had in the past.
@@ -170,6 +185,23 @@ fn build_state(
                 (e.cursor.max(now), true)
             }
             (Some((_, e)), _) => (e.cursor, false),
+            // The same, across a restart or a failover: the watermark was
+            // written under another expression (a deploy changed it).
+            (None, Some(wm)) if stored_timing.is_some_and(|t| *t != timing) => {
+                tracing::info!(
+                    schedule = %def.name,
+                    was = stored_timing.map(String::as_str).unwrap_or_default(),
+                    now = %timing,
+                    "Schedule timing changed since its watermark was written; it continues from now"
+                );
+                ((*wm).max(now), true)
+            }
+            // A watermark from before timings were recorded: rewritten
+            // with its timing at the next watermark write.
+            (None, Some(wm)) if stored_timing.is_none() => {
+                state.dirty.insert(idx, *wm);
+                (*wm, false)
+            }
             (None, Some(wm)) => (*wm, false),
             // A new schedule starts from now; it never back-fills.
             (None, None) => {
@@ -213,7 +245,7 @@ pub async fn lead(ctx: &mut Ctx<'_>, lease: &Lease) -> Exit {
         if std::mem::take(&mut reload) || ctx.schedules.has_changed().unwrap_or(false) {
             // Schedules new to this leader resume from their stored watermark
             // (a dynamic schedule after a failover), never from "now".
-            let marks = match ctx.store.watermarks().await {
+            let marks = match read_marks(ctx.store).await {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %e, "Cannot read watermarks to apply the new schedule set; retrying");
@@ -310,11 +342,20 @@ fn exit_reason(ctx: &Ctx<'_>, _lease: &Lease) -> Exit {
 
 async fn flush_watermarks(ctx: &Ctx<'_>, lease: &Lease, state: &mut State) {
     let marks: Vec<(usize, DateTime<Utc>)> = state.dirty.iter().map(|(i, t)| (*i, *t)).collect();
-    let named: Vec<(&str, DateTime<Utc>)> = marks
+    let timings: Vec<String> = marks
         .iter()
-        .map(|(i, t)| (state.defs[*i].name.as_str(), *t))
+        .map(|(i, _)| state.defs[*i].schedule.timing_key())
         .collect();
-    match ctx.store.advance_watermarks(&lease.value, &named).await {
+    let named: Vec<(&str, DateTime<Utc>, &str)> = marks
+        .iter()
+        .zip(&timings)
+        .map(|((i, t), timing)| (state.defs[*i].name.as_str(), *t, timing.as_str()))
+        .collect();
+    match ctx
+        .store
+        .advance_watermarks_timed(&lease.value, &named)
+        .await
+    {
         Ok(true) => state.dirty.clear(),
         Ok(false) => lease.refused("Watermark write"),
         Err(e) => {
@@ -454,26 +495,5 @@ async fn fire(
 /// Whether two schedules fire at the same instants (same expression and zone,
 /// same interval and anchor, or same ISO 8601 repetition).
 fn same_timing(a: &Schedule, b: &Schedule) -> bool {
-    match (a, b) {
-        (
-            Schedule::Cron {
-                expr: ea, tz: za, ..
-            },
-            Schedule::Cron {
-                expr: eb, tz: zb, ..
-            },
-        ) => ea == eb && za == zb,
-        (
-            Schedule::Every {
-                period: pa,
-                anchor: aa,
-            },
-            Schedule::Every {
-                period: pb,
-                anchor: ab,
-            },
-        ) => pa == pb && aa == ab,
-        (Schedule::Iso(a), Schedule::Iso(b)) => a == b,
-        _ => false,
-    }
+    a.timing_key() == b.timing_key()
 }

@@ -41,6 +41,13 @@ impl Keys {
         format!("{}:watermarks", self.prefix)
     }
 
+    /// Hash: schedule name → the timing its watermark was written under
+    /// ([`crate::schedule::Schedule::timing_key`]), so a leader can tell a
+    /// watermark of an older expression from one of the current.
+    pub fn timings(&self) -> String {
+        format!("{}:timings", self.prefix)
+    }
+
     /// String: a task's idempotency state (`running:<worker>` with a lease, `done`, or `dead`).
     pub fn idem(&self, key: &str) -> String {
         format!("{}:idem:{key}", self.prefix)
@@ -88,6 +95,7 @@ mod tests {
             k.leader(),
             k.fencing(),
             k.watermarks(),
+            k.timings(),
             k.idem("a"),
             k.attempts("a"),
             k.dlq_lock(),

@@ -381,6 +381,29 @@ impl Schedule {
         Ok(Schedule::Every { period, anchor })
     }
 
+    /// What decides its slots, as text: equal keys, equal slots. Stored with
+    /// the schedule's watermark so a leader knows which expression it was
+    /// written under (stable across releases: no `Debug` output).
+    pub fn timing_key(&self) -> String {
+        match self {
+            Schedule::Cron { expr, tz } => format!("cron {tz} {expr}"),
+            Schedule::Every { period, anchor } => format!(
+                "every {}ms {}",
+                period.num_milliseconds(),
+                anchor.timestamp_millis()
+            ),
+            Schedule::Iso(iso) => format!(
+                "iso {} {} {}mo {}d {}s",
+                iso.repetitions
+                    .map_or_else(|| "unbounded".to_string(), |n| n.to_string()),
+                iso.start.to_rfc3339(),
+                iso.period.months,
+                iso.period.days,
+                iso.period.seconds
+            ),
+        }
+    }
+
     /// The first slot strictly after `after`, or `None` when the schedule has no more slots.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {

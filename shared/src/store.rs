@@ -411,6 +411,13 @@ impl Store {
             .collect())
     }
 
+    /// The timing each schedule's watermark was written under (see
+    /// [`Store::advance_watermarks_timed`]); schedules without one are absent.
+    pub async fn watermark_timings(&self) -> StoreResult<HashMap<String, String>> {
+        let mut c = self.conn();
+        Ok(c.hgetall(self.keys.timings()).await?)
+    }
+
     /// Advances watermarks (never backwards), only if `lease_value` still holds the lease.
     /// Returns false, writing nothing, when the lease is not ours.
     pub async fn advance_watermarks(
@@ -418,12 +425,26 @@ impl Store {
         lease_value: &str,
         marks: &[(&str, DateTime<Utc>)],
     ) -> StoreResult<bool> {
+        let marks: Vec<(&str, DateTime<Utc>, &str)> =
+            marks.iter().map(|(n, t)| (*n, *t, "")).collect();
+        self.advance_watermarks_timed(lease_value, &marks).await
+    }
+
+    /// As [`Store::advance_watermarks`], recording with each watermark the
+    /// schedule's timing (`Schedule::timing_key`; empty: left as it is), in
+    /// the same script, so a later leader knows which expression a watermark
+    /// belongs to.
+    pub async fn advance_watermarks_timed(
+        &self,
+        lease_value: &str,
+        marks: &[(&str, DateTime<Utc>, &str)],
+    ) -> StoreResult<bool> {
         if marks.is_empty() {
             return Ok(true);
         }
         self.watermarks_if_leader(&self.scripts.watermark_advance, lease_value, |inv| {
-            for (name, slot) in marks {
-                inv.arg(*name).arg(slot.timestamp_millis());
+            for (name, slot, timing) in marks {
+                inv.arg(*name).arg(slot.timestamp_millis()).arg(*timing);
             }
         })
         .await
@@ -450,7 +471,7 @@ impl Store {
         .await
     }
 
-    /// Runs a watermark script (keys: the lease, the watermarks; first
+    /// Runs a watermark script (keys: the lease, the watermarks, the timings; first
     /// argument: `lease_value`; the rest from `args`) that writes only while
     /// `lease_value` holds the lease. Returns whether it did.
     async fn watermarks_if_leader(
@@ -462,6 +483,7 @@ impl Store {
         let mut inv = script.prepare_invoke();
         inv.key(self.keys.leader())
             .key(self.keys.watermarks())
+            .key(self.keys.timings())
             .arg(lease_value);
         args(&mut inv);
         let (ok, acked): (i64, _) = self.invoke_replicated(script, &inv, true).await?;
@@ -704,11 +726,12 @@ impl Store {
     /// Removes a runtime schedule with its pause flag and watermark. False if it did not exist.
     pub async fn remove_dynamic_schedule(&self, name: &str) -> StoreResult<bool> {
         let mut c = self.conn();
-        let (removed, _, _, _): (i64, i64, i64, i64) = redis::pipe()
+        let (removed, _, _, _, _): (i64, i64, i64, i64, i64) = redis::pipe()
             .atomic()
             .hdel(self.keys.dynamic_schedules(), name)
             .srem(self.keys.paused(), name)
             .hdel(self.keys.watermarks(), name)
+            .hdel(self.keys.timings(), name)
             .incr(self.keys.schedules_rev(), 1)
             .query_async(&mut c)
             .await?;

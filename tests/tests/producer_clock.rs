@@ -5,7 +5,8 @@
 //! an hourly-step and an every-minute schedule, and wall-clock steps of one
 //! hour back (nothing past the watermark is published again, not even by a
 //! new leader) and forward (the stepped-over slots go through the misfire
-//! policy).
+//! policy), and an expression changed while no producer ran (the new
+//! timing starts from now).
 //!
 //! Time is driven in steps; after each step the test waits (polling) until
 //! the Redis watermarks show the producer handled it. The expected slots are
@@ -516,6 +517,53 @@ async fn wall_clock_step_forward_one_hour_goes_through_the_misfire_policy(kind: 
     assert!(
         all.windows(2).all(|w| w[0] < w[1]),
         "fire_all catch-up in slot order"
+    );
+    env.cleanup().await;
+}
+
+broker_test!(a_timing_changed_while_no_producer_ran_continues_from_now);
+/// A deploy changes a schedule's expression while no producer runs: the new
+/// leader finds a watermark written under the old one. Its slots are not the
+/// new expression's, so the schedule continues from now, as on a hot reload,
+/// instead of catching up every minute since the last daily slot.
+async fn a_timing_changed_while_no_producer_ran_continues_from_now(env: TestEnv) {
+    let daily = env.config(&format!(
+        "\n[schedule.report]\ncron = \"0 0 3 * * *\"\ntask = \"t\"\nmisfire = \"fire_all\"\n{}",
+        noop_task("t")
+    ));
+    let t0 = utc("2026-06-01T03:00:00Z");
+    let rec = Recorder::start(&env).await;
+    let clock = Arc::new(ManualClock::new(t0 - minutes(1)));
+    let p1 = InProc::start(&env, &daily, "p1", clock.clone(), Duration::from_secs(1)).await;
+    wait_marks(&env, &[("report", t0 - minutes(1))], t0 - minutes(1)).await;
+    clock.set(t0);
+    wait_marks(&env, &[("report", t0)], t0).await;
+    p1.shutdown().await;
+
+    // Two hours later the new config, every minute, starts.
+    let later = t0 + hours(2);
+    clock.set(later);
+    let p2 = InProc::start(
+        &env,
+        &env.config(&format!(
+            "{}{}",
+            every_minute("report", "fire_all", ""),
+            noop_task("t")
+        )),
+        "p2",
+        clock.clone(),
+        Duration::from_secs(1),
+    )
+    .await;
+    wait_marks(&env, &[("report", later)], later).await;
+    clock.set(later + minutes(1));
+    wait_marks(&env, &[("report", later + minutes(1))], later + minutes(1)).await;
+    p2.shutdown().await;
+    let got = rec.finish(&env).await;
+    assert_slots(
+        slots_by_schedule(&got).get("report"),
+        &BTreeSet::from([t0, later + minutes(1)]),
+        "the daily slot, then only the new timing's slots after its start",
     );
     env.cleanup().await;
 }
