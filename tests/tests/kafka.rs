@@ -312,6 +312,57 @@ async fn requeue_republishes_the_message_and_it_comes_back_flagged_redelivered()
     env.cleanup().await;
 }
 
+/// A hand-back whose re-publish fails (the broker down for longer than
+/// `delivery_timeout`) is sent again once the broker is back: the message
+/// comes back and both offsets are committed, instead of the original
+/// holding the partition's commits until a restart or rebalance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeue_during_a_broker_outage_is_sent_once_the_broker_is_back() {
+    let env = TestEnv::kafka_mock("requeue-outage", 1).await;
+    let e = Envelope::new("t", serde_json::json!(1));
+    env.broker.publish(&e).await.expect("publish");
+    let mut cfg = env.broker_config();
+    cfg.kafka.delivery_timeout = cronpipe_shared::duration::Dur::millis(1000);
+    let broker = cronpipe_shared::Broker::connect(&cfg, "requeue-outage")
+        .await
+        .expect("connect");
+    let mut consumer = broker
+        .consume(4, "requeue-outage-test", Duration::ZERO)
+        .await
+        .expect("consume");
+    let first = tokio::time::timeout(REPORT_WAIT, consumer.next())
+        .await
+        .expect("a delivery")
+        .expect("open");
+    // The outage outlasts the delivery timeout, so the first re-publish
+    // fails; the group session (longer) keeps the partition ours.
+    env.mock().broker_down();
+    let requeue = tokio::spawn(first.requeue());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    env.mock().broker_up();
+    requeue
+        .await
+        .expect("join")
+        .expect("the copy is sent once the broker is back");
+    let again = tokio::time::timeout(REPORT_WAIT, consumer.next())
+        .await
+        .expect("the message comes back")
+        .expect("open");
+    assert!(again.redelivered());
+    assert_eq!(Envelope::decode(again.body()).expect("envelope").id, e.id);
+    again.ack().await.expect("ack");
+    env.expect_committed(
+        env.topic(),
+        &[(0, Some(2))],
+        Duration::from_secs(10),
+        "the original and the copy are committed",
+    )
+    .await;
+    consumer.cancel().await;
+    broker.close().await;
+    env.cleanup().await;
+}
+
 /// The counterpart of worker_chaos.rs on Kafka: the mock cluster's broker
 /// goes down mid-run for longer than the group session (the worker's member
 /// expires, its in-flight acks cannot be committed), then comes back. Every

@@ -107,6 +107,33 @@ async fn publish_jobs(env: &TestEnv, n: usize) -> Vec<String> {
     envs.into_iter().map(|e| e.id).collect()
 }
 
+/// A config for one worker slot with a `slow` task (`sleep secs`) and the
+/// recorded `job`; publishes one slow task, then `jobs` jobs (their ids).
+async fn slow_task_then_jobs(
+    env: &TestEnv,
+    secs: u32,
+    jobs: usize,
+) -> (std::path::PathBuf, Vec<String>) {
+    let cfg = env.write_config(
+        "cronpipe.toml",
+        &format!(
+            r#"
+[worker]
+concurrency = 1
+[task.slow]
+handler = "exec"
+command = ["/bin/sh", "-c", "sleep {secs}"]
+{}"#,
+            recorded_job(env)
+        ),
+    );
+    env.broker
+        .publish(&Envelope::new("slow", serde_json::json!(null)))
+        .await
+        .expect("publish");
+    (cfg, publish_jobs(env, jobs).await)
+}
+
 /// How many partitions (of the work and retry topics) a worker process holds
 /// now, from its "Kafka partitions assigned / revoked" log lines.
 fn held_partitions(p: &Proc) -> usize {
@@ -374,26 +401,9 @@ async fn a_sigkilled_worker_leaves_exactly_its_unfinished_tasks_to_the_survivor(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_busy_for_seconds_pauses_and_resumes_its_partitions_losing_nothing() {
     let env = TestEnv::kafka_external_or_mock("kafka-pause", 1).await;
-    let cfg = env.write_config(
-        "cronpipe.toml",
-        &format!(
-            r#"
-[worker]
-concurrency = 1
-[task.slow]
-handler = "exec"
-command = ["/bin/sh", "-c", "sleep 6"]
-{}"#,
-            recorded_job(&env)
-        ),
-    );
     // The slow task takes the one slot; more jobs than the consumer keeps
     // waiting (256 at concurrency 1) queue up behind it on the one partition.
-    env.broker
-        .publish(&Envelope::new("slow", serde_json::json!(null)))
-        .await
-        .expect("publish");
-    let ids = publish_jobs(&env, 400).await;
+    let (cfg, ids) = slow_task_then_jobs(&env, 6, 400).await;
     let w = env.worker_process(&cfg, "wp");
     let all_ran = wait_until(Duration::from_secs(60), || async {
         env.runs().len() >= ids.len()
@@ -426,26 +436,9 @@ command = ["/bin/sh", "-c", "sleep 6"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_paused_for_backpressure_runs_again_when_given_back_after_a_rebalance() {
     let env = TestEnv::kafka_external_or_mock("kafka-pause-moved", 2).await;
-    let cfg = env.write_config(
-        "cronpipe.toml",
-        &format!(
-            r#"
-[worker]
-concurrency = 1
-[task.slow]
-handler = "exec"
-command = ["/bin/sh", "-c", "sleep 7"]
-{}"#,
-            recorded_job(&env)
-        ),
-    );
     // One slow task holds a's only slot while jobs pile up on both
     // partitions: after 5 s a pauses them all.
-    env.broker
-        .publish(&Envelope::new("slow", serde_json::json!(null)))
-        .await
-        .expect("publish");
-    let mut ids = publish_jobs(&env, 1000).await;
+    let (cfg, mut ids) = slow_task_then_jobs(&env, 7, 1000).await;
     let a = env.worker_process(&cfg, "pa");
     assert!(
         wait_until(Duration::from_secs(30), || async {

@@ -1623,10 +1623,13 @@ impl KafkaDelivery {
     }
 
     /// Hands it back: re-publishes the same bytes to the work topic, then
-    /// settles the original. When the re-publish fails, the original stays
-    /// unsettled (the partition's commits stop before it) and comes back after
-    /// a restart or rebalance. A delivery of a revoked partition is simply
-    /// dropped: its new owner reads it again.
+    /// settles the original. A failed re-publish (a broker outage longer than
+    /// `delivery_timeout`) is tried again, 8 times over about half a minute
+    /// with backoff, while the partition stays ours: until the copy is out, the
+    /// original holds the partition's commits and runs nowhere. Past that,
+    /// the original stays unsettled and comes back after a restart or
+    /// rebalance. A delivery of a revoked partition is simply dropped: its
+    /// new owner reads it again.
     pub async fn requeue(self) -> BrokerResult<()> {
         if !self.is_current() {
             return Ok(());
@@ -1647,14 +1650,36 @@ impl KafkaDelivery {
             value: Some("1".as_bytes()),
         });
         let kafka = &self.shared.kafka;
-        kafka
-            .send(
-                &kafka.inner.topics.work,
-                self.msg.key(),
-                self.msg.payload().unwrap_or_default(),
-                headers,
-            )
-            .await?;
+        let mut waits = backon::BackoffBuilder::build(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(250))
+                .with_max_delay(Duration::from_secs(8))
+                .with_jitter()
+                .with_max_times(8),
+        );
+        loop {
+            let sent = kafka
+                .send(
+                    &kafka.inner.topics.work,
+                    self.msg.key(),
+                    self.msg.payload().unwrap_or_default(),
+                    headers.clone(),
+                )
+                .await;
+            let e = match sent {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            if !self.is_current() {
+                // Revoked meanwhile: the new owner reads the original again.
+                return Ok(());
+            }
+            let Some(wait) = waits.next() else {
+                return Err(e);
+            };
+            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, partition = self.partition, offset = self.offset, "Could not hand the message back to the work topic; retrying");
+            tokio::time::sleep(wait).await;
+        }
         self.shared
             .tracker()
             .settle(self.lane, self.partition, self.offset, self.epoch);
