@@ -61,11 +61,17 @@ async fn only_the_lease_holder_moves_or_removes_watermarks() {
     assert_eq!(marks.get("nightly"), None, "{marks:?}");
     assert_eq!(marks.get("hourly"), Some(&slot), "{marks:?}");
 
+    forget(&s).await;
+}
+
+/// Deletes what these tests write in `s`'s namespace.
+async fn forget(s: &Store) {
     let keys = s.keys();
     let _: i64 = redis::cmd("DEL")
         .arg(keys.leader())
         .arg(keys.fencing())
         .arg(keys.watermarks())
+        .arg(keys.timings())
         .query_async(&mut s.connection())
         .await
         .unwrap();
@@ -129,4 +135,5 @@ async fn a_malformed_watermark_is_ignored_and_replaced() {
         marks.get("hourly"),
         Some(&(slot + chrono::Duration::hours(1)))
     );
+    forget(&s).await;
 }
