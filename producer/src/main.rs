@@ -83,9 +83,9 @@ enum Command {
     Next {
         /// The expression.
         expr: String,
-        /// IANA timezone for cron fields.
-        #[arg(long, default_value = "UTC")]
-        tz: String,
+        /// IANA timezone for cron fields (default UTC; cron expressions only).
+        #[arg(long)]
+        tz: Option<String>,
         /// Start after this RFC 3339 instant (default: now).
         #[arg(long)]
         from: Option<String>,
@@ -107,7 +107,13 @@ fn main() -> ExitCode {
             from,
             n,
             anchor,
-        } => next(&expr, &tz, from.as_deref(), n as usize, anchor.as_deref()),
+        } => next(
+            &expr,
+            tz.as_deref(),
+            from.as_deref(),
+            n as usize,
+            anchor.as_deref(),
+        ),
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
         Command::Status { config, json } => {
@@ -156,7 +162,7 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
 
 fn next(
     expr: &str,
-    tz: &str,
+    tz: Option<&str>,
     from: Option<&str>,
     n: usize,
     anchor: Option<&str>,
@@ -165,7 +171,7 @@ fn next(
         eprintln!("error: {msg}");
         Ok(ExitCode::from(2))
     };
-    let zone = match schedule::parse_timezone(tz) {
+    let zone = match schedule::parse_timezone(tz.unwrap_or("UTC")) {
         Ok(z) => z,
         Err(e) => return fail(format!("--tz: {e}")),
     };
@@ -181,7 +187,29 @@ fn next(
         },
     };
     let trimmed = expr.trim();
-    let built = if trimmed.starts_with('R') && trimmed.contains('/') {
+    let iso = trimmed.starts_with('R') && trimmed.contains('/');
+    let interval = !iso && cronpipe_shared::duration::parse_duration(trimmed).is_ok();
+    if tz.is_some() && (iso || interval) {
+        return fail(format!(
+            "--tz applies to cron expressions only; `{expr}` is {}",
+            if iso {
+                "an ISO 8601 repetition, whose start carries its own UTC offset"
+            } else {
+                "an interval, counted in absolute time from --anchor"
+            }
+        ));
+    }
+    if anchor.is_some() && !interval {
+        return fail(format!(
+            "--anchor applies to interval expressions (such as `90s`) only; `{expr}` is {}",
+            if iso {
+                "an ISO 8601 repetition, which starts at its own start instant"
+            } else {
+                "a cron expression"
+            }
+        ));
+    }
+    let built = if iso {
         schedule::parse_iso_repeat(trimmed).map(Schedule::Iso)
     } else if let Ok(period) = cronpipe_shared::duration::parse_duration(trimmed) {
         let anchor = match anchor {

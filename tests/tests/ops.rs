@@ -723,4 +723,41 @@ fn producer_next_prints_slots_and_names_a_bad_count() {
         assert_eq!(code, 2, "{err}");
         assert!(err.contains("-n <N>") && err.contains("1..=10000"), "{err}");
     }
+    // A flag that does not apply to the expression is an error, not ignored.
+    for (args, says) in [
+        (
+            &["next", "90s", "--tz", "Europe/Berlin"][..],
+            "--tz applies to cron expressions only",
+        ),
+        (
+            &["next", "R/2026-01-01T00:00:00Z/P1D", "--tz", "UTC"][..],
+            "--tz applies to cron expressions only",
+        ),
+        (
+            &["next", "0 * * * *", "--anchor", "2026-01-01T00:00:00Z"][..],
+            "--anchor applies to interval expressions",
+        ),
+    ] {
+        let (code, _, err) = cli("producer", args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let (code, out, err) = cli(
+        "producer",
+        &[
+            "next",
+            "90s",
+            "--anchor",
+            "2026-01-01T00:00:00Z",
+            "--from",
+            "2026-01-01T00:00:00Z",
+            "-n",
+            "1",
+        ],
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, "2026-01-01T00:01:30+00:00"),
+        "{err}"
+    );
 }
