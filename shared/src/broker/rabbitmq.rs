@@ -369,6 +369,24 @@ impl Rabbit {
 
     /// Starts a consumer on the work queue on its own channel.
     pub async fn consume(&self, prefetch: u16, tag: &str) -> BrokerResult<RabbitConsumer> {
+        let (channel, consumer) = self.open_consumer(prefetch, tag).await?;
+        Ok(RabbitConsumer {
+            channel,
+            consumer,
+            tag: tag.to_string(),
+            cancelled: false,
+            acks: AckCoalescer::start(),
+            rabbit: self.clone(),
+            prefetch,
+        })
+    }
+
+    /// A new channel with prefetch `prefetch` and a consumer `tag` on the work queue.
+    async fn open_consumer(
+        &self,
+        prefetch: u16,
+        tag: &str,
+    ) -> BrokerResult<(Channel, lapin::Consumer)> {
         let channel = self
             .inner
             .conn
@@ -388,13 +406,7 @@ impl Rabbit {
             )
             .await
             .map_err(|e| unavailable(&format!("consuming `{}`", self.queue()), e))?;
-        Ok(RabbitConsumer {
-            channel,
-            consumer,
-            tag: tag.to_string(),
-            cancelled: false,
-            acks: AckCoalescer::start(),
-        })
+        Ok((channel, consumer))
     }
 
     /// A new channel on this connection, for tools that need AMQP operations
@@ -493,6 +505,9 @@ pub struct RabbitConsumer {
     tag: String,
     cancelled: bool,
     acks: Arc<AckCoalescer>,
+    /// To open a new channel when the broker closes this one.
+    rabbit: Rabbit,
+    prefetch: u16,
 }
 
 impl Drop for RabbitConsumer {
@@ -515,11 +530,38 @@ impl RabbitConsumer {
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "Consumer channel failed; waiting for recovery");
-                    if let Err(e) = self.channel.wait_for_recovery(e).await {
-                        tracing::error!(error = %e, "Consumer channel cannot recover");
-                        return None;
+                    match self.channel.wait_for_recovery(e).await {
+                        Ok(()) => tracing::info!("Consumer channel recovered"),
+                        // The broker closed this channel alone (consumer_timeout,
+                        // a refused frame): lapin reopens channels only with their
+                        // connection, so open another. The old channel's
+                        // deliveries go back to the queue; their acks are refused
+                        // (poisoned), and the Redis claim keeps the ones still
+                        // running from running twice.
+                        Err(e) if e.is_amqp_soft_error() && !self.cancelled => {
+                            match self.rabbit.open_consumer(self.prefetch, &self.tag).await {
+                                Ok((channel, consumer)) => {
+                                    tracing::warn!(error = %e, "The broker closed the consumer channel; consuming on a new one");
+                                    self.channel = channel;
+                                    let old = std::mem::replace(&mut self.consumer, consumer);
+                                    // Dropped, lapin 4.12's consumer would send a cancel
+                                    // on its channel, which lapin has already removed,
+                                    // and take the refusal for a connection error,
+                                    // reconnecting everything. Forgotten instead: a
+                                    // few hundred bytes per channel the broker closes.
+                                    std::mem::forget(old);
+                                }
+                                Err(e2) => {
+                                    tracing::error!(error = %e, reopen_error = %e2, "The broker closed the consumer channel and a new one cannot consume");
+                                    return None;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "Consumer channel cannot recover");
+                            return None;
+                        }
                     }
-                    tracing::info!("Consumer channel recovered");
                 }
                 None => return None,
             }
@@ -594,7 +636,61 @@ impl RabbitDelivery {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
+
+    /// Against the local RabbitMQ: the broker closes the consumer's channel
+    /// alone (here for a refused declare on it; in production, say,
+    /// `consumer_timeout`). lapin does not reopen such a channel, so the
+    /// consumer opens another and the unacked delivery comes again, instead
+    /// of the stream ending (which stopped the worker).
+    #[tokio::test]
+    async fn a_consumer_channel_closed_by_the_broker_is_replaced() {
+        let config = RabbitConfig {
+            url: std::env::var("CRONPIPE_TEST_AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            queue: format!("cptest.reopen-{}", uuid::Uuid::new_v4()),
+            ..RabbitConfig::default()
+        };
+        let rabbit = Rabbit::connect(&config, "reopen-test")
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672 (scripts/services.sh starts it)");
+        let env = Envelope::new("t", serde_json::json!(1));
+        rabbit.publish(&env).await.expect("publish");
+        let mut consumer = rabbit.consume(4, "reopen-test").await.expect("consume");
+        let first = consumer.next().await.expect("a delivery");
+        assert!(!first.redelivered());
+        // A declare that contradicts the queue's arguments: the broker
+        // closes this channel with PRECONDITION_FAILED.
+        let refused = consumer
+            .channel
+            .queue_declare(
+                config.queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: false,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        assert!(refused.is_err(), "the contradicting declare must fail");
+        let again = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("a delivery in time")
+            .expect("the consumer goes on");
+        assert!(again.redelivered());
+        assert_eq!(Envelope::decode(again.body()).expect("envelope").id, env.id);
+        assert!(
+            first.ack().await.is_err(),
+            "the old channel's ack is refused"
+        );
+        again.ack().await.expect("ack on the new channel");
+        consumer.cancel().await;
+        drop(consumer);
+        rabbit.delete_topology().await.expect("delete queues");
+        rabbit.close().await;
+    }
 
     #[test]
     fn delay_tiers_have_two_significant_digits() {
