@@ -1177,7 +1177,13 @@ impl ScheduleConfig {
                     .with_timezone(&Utc),
                 None => schedule::epoch(),
             };
-            Schedule::every(period, anchor).map_err(|m| fail("every", quoted(every), m))?
+            Schedule::every(period, anchor).map_err(|m| {
+                // The interval or the anchor: name the one at fault.
+                match (&self.anchor, m.starts_with("anchor")) {
+                    (Some(a), true) => fail("anchor", quoted(a), m),
+                    _ => fail("every", quoted(every), m),
+                }
+            })?
         } else {
             let iso = self.iso.as_deref().unwrap_or_default();
             if self.timezone.is_some() {

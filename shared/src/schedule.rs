@@ -182,6 +182,12 @@ pub fn parse_iso_repeat(text: &str) -> Result<IsoRepeat, String> {
             parts[1]
         )
     })?;
+    if !whole_millis(&start) {
+        return Err(format!(
+            "start `{}` is finer than a millisecond; {SUB_MILLI}",
+            parts[1]
+        ));
+    }
     let period = parse_iso_period(parts[2]).map_err(|e| format!("{e}; {expected}"))?;
     Ok(IsoRepeat {
         repetitions,
@@ -291,6 +297,14 @@ impl IsoRepeat {
     }
 }
 
+/// Why slot instants must be whole milliseconds.
+const SUB_MILLI: &str = "expected at most millisecond precision (watermarks are kept in \
+     milliseconds, so a finer slot would be published again after every restart)";
+
+fn whole_millis<Tz: TimeZone>(t: &DateTime<Tz>) -> bool {
+    t.timestamp_subsec_nanos().is_multiple_of(1_000_000)
+}
+
 /// Whether a cron expression names wall-clock times: no wildcard or step in
 /// its second, minute or hour field (single values, lists and ranges:
 /// `0 30 1,13 * * *`, `0 0,30 2 * * *`, `@daily`). Those fire once per
@@ -365,6 +379,12 @@ impl Schedule {
 
     /// Builds an interval schedule.
     pub fn every(period: std::time::Duration, anchor: DateTime<Utc>) -> Result<Self, String> {
+        if !whole_millis(&anchor) {
+            return Err(format!(
+                "anchor {} is finer than a millisecond; {SUB_MILLI}",
+                anchor.to_rfc3339()
+            ));
+        }
         if period < std::time::Duration::from_secs(1) {
             return Err(format!(
                 "interval {} is shorter than the 1s resolution of slots",
@@ -625,6 +645,24 @@ mod tests {
                 "2026-11-02T01:30:00-05:00",
             ]
         );
+    }
+
+    #[test]
+    fn slot_origins_finer_than_a_millisecond_are_rejected() {
+        let e = parse_iso_repeat("R/2026-01-01T00:00:00.0000005Z/PT1M").unwrap_err();
+        assert!(e.contains("finer than a millisecond"), "{e}");
+        assert!(parse_iso_repeat("R/2026-01-01T00:00:00.250Z/PT1M").is_ok());
+        let e = Schedule::every(
+            std::time::Duration::from_secs(60),
+            utc("2026-01-01T00:00:00.0000005Z"),
+        )
+        .unwrap_err();
+        assert!(e.contains("at most millisecond precision"), "{e}");
+        assert!(Schedule::every(
+            std::time::Duration::from_secs(60),
+            utc("2026-01-01T00:00:00.5Z")
+        )
+        .is_ok());
     }
 
     #[test]

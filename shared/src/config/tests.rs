@@ -956,6 +956,26 @@ fn lease_ttl_too_small_is_rejected() {
 }
 
 #[test]
+fn an_anchor_finer_than_a_millisecond_is_named() {
+    let e = only_error(
+        &schedule(
+            "x",
+            "every = \"1m\"\nanchor = \"2026-01-01T00:00:00.0000005Z\"\ntask = \"report\"",
+        ),
+        &[],
+    );
+    check(
+        &e,
+        "schedule \"x\".anchor",
+        "\"2026-01-01T00:00:00.0000005Z\"",
+        &[
+            "finer than a millisecond",
+            "published again after every restart",
+        ],
+    );
+}
+
+#[test]
 fn misfire_threshold_must_leave_room_for_firing_and_the_misfire_policy() {
     for ok in ["100ms", "1h"] {
         let c = parse_ok(&format!("[producer]\nmisfire_threshold = \"{ok}\"\n"), &[]);
