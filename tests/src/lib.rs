@@ -434,6 +434,19 @@ queue = "{queue}"
         let broker = Broker::connect(&config.broker, instance)
             .await
             .expect("worker broker");
+        self.spawn_worker_on(config, instance, registry, broker)
+            .await
+    }
+
+    /// As [`TestEnv::spawn_worker`], on a broker connection the test keeps
+    /// a handle to (to watch `Broker::is_connected`, say).
+    pub async fn spawn_worker_on(
+        &self,
+        config: &Config,
+        instance: &str,
+        registry: Registry,
+        broker: Broker,
+    ) -> RunningWorker {
         let (tx, reports) = mpsc::unbounded_channel();
         let mut opts = cronpipe_worker::Options::from_config(config.clone());
         opts.instance_id = instance.into();

@@ -363,6 +363,35 @@ async fn a_requeue_during_a_broker_outage_is_sent_once_the_broker_is_back() {
     env.cleanup().await;
 }
 
+/// An idle worker's Kafka readiness after an outage: librdkafka reports all
+/// brokers down, and nothing arrives afterwards that would say they are back
+/// (no task, no delivery report), so the consumer asks for metadata until a
+/// broker answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_is_ready_again_after_a_broker_outage() {
+    let env = TestEnv::kafka_mock("ready-again", 1).await;
+    let config = env.config("[task.t]\nhandler = \"rust\"\n");
+    let registry = Registry::new().register("t", |_task: Task| async { Ok(()) });
+    let broker = cronpipe_shared::Broker::connect(&env.broker_config(), "ready-again")
+        .await
+        .expect("connect");
+    let w = env
+        .spawn_worker_on(&config, "w1", registry, broker.clone())
+        .await;
+    env.mock().broker_down();
+    assert!(
+        wait_until(Duration::from_secs(20), || async { !broker.is_connected() }).await,
+        "the outage is never noticed"
+    );
+    env.mock().broker_up();
+    assert!(
+        wait_until(Duration::from_secs(20), || async { broker.is_connected() }).await,
+        "an idle worker stays not ready after the broker came back"
+    );
+    w.shutdown().await;
+    env.cleanup().await;
+}
+
 /// The counterpart of worker_chaos.rs on Kafka: the mock cluster's broker
 /// goes down mid-run for longer than the group session (the worker's member
 /// expires, its in-flight acks cannot be committed), then comes back. Every

@@ -502,6 +502,7 @@ impl Kafka {
             bp_paused: false,
             stalled_since: None,
             recommitted: std::time::Instant::now(),
+            probing: Arc::new(AtomicBool::new(false)),
             high,
             low: high / 4,
         };
@@ -524,8 +525,9 @@ impl Kafka {
     }
 
     /// Whether a broker answered lately: false after librdkafka reported all
-    /// brokers down, true again after the next delivery report, fetched
-    /// message or offset commit.
+    /// brokers down, true again after the next delivery report or fetched
+    /// message, or, for an idle worker, the metadata request its consumer
+    /// sends every 5 s while this is false.
     pub fn is_connected(&self) -> bool {
         self.inner.connected.load(Ordering::Relaxed)
     }
@@ -1211,6 +1213,9 @@ struct PollLoop {
     stalled_since: Option<std::time::Instant>,
     /// When every partition's offset was last committed (see [`RECOMMIT`]).
     recommitted: std::time::Instant,
+    /// A metadata request is under way to learn whether a broker answers
+    /// again (see [`PollLoop::probe_if_down`]).
+    probing: Arc<AtomicBool>,
     high: usize,
     low: usize,
 }
@@ -1390,6 +1395,32 @@ impl PollLoop {
         }
     }
 
+    /// After librdkafka reported all brokers down, an idle consumer sees no
+    /// message or delivery report that would mark Kafka reachable again
+    /// (rdkafka does not report manual commits' results), so `/readyz` would
+    /// stay 503 until the next task: ask a broker for the work topic's
+    /// metadata, off the async threads, and mark Kafka reachable on an answer.
+    fn probe_if_down(&self) {
+        if self.shared.kafka.is_connected() || self.probing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (consumer, kafka, probing) = (
+            self.consumer.clone(),
+            self.shared.kafka.clone(),
+            self.probing.clone(),
+        );
+        let topic = self.shared.topics.work.clone();
+        tokio::task::spawn_blocking(move || {
+            if consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .is_ok()
+            {
+                kafka.set_connected(true);
+            }
+            probing.store(false, Ordering::SeqCst);
+        });
+    }
+
     fn after_rebalance(&mut self) {
         let current = |d: &KafkaDelivery| d.is_current();
         self.overflow.retain(current);
@@ -1474,6 +1505,7 @@ impl PollLoop {
         let all = self.recommitted.elapsed() >= RECOMMIT;
         if all {
             self.recommitted = std::time::Instant::now();
+            self.probe_if_down();
         }
         let commits = self.shared.tracker().take_commits(all);
         if !commits.is_empty() {
