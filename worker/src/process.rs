@@ -48,19 +48,23 @@ pub struct Ctx {
     /// Cancelled when the worker stops taking deliveries.
     pub stopping: CancellationToken,
     /// Dead letters that could not be published since the last one that
-    /// could (see [`dead_letter_backoff`]).
+    /// could (they set the wait before returning the message: `DEAD_LETTER_WAIT`).
     pub dead_letter_failures: std::sync::atomic::AtomicU32,
 }
 
 /// How long a delivery whose dead letter could not be published waits
-/// before it goes back to the broker: 500 ms doubling per failure in a row,
-/// at most 30 s. The broker hands it out again at once, so without the wait
-/// a dead-letter queue or topic that refuses writes (deleted, no ACL, the
-/// record too large) would spin every such message through the worker.
-pub fn dead_letter_backoff(failures_in_a_row: u32) -> Duration {
-    let doublings = failures_in_a_row.saturating_sub(1).min(6);
-    (Duration::from_millis(500) * (1 << doublings)).min(Duration::from_secs(30))
-}
+/// before it goes back to the broker, by failures in a row: 500 ms doubling
+/// to at most 30 s (the task retry delays' own formula). The broker hands it
+/// out again at once, so without the wait a dead-letter queue or topic that
+/// refuses writes (deleted, no ACL, the record too large) would spin every
+/// such message through the worker.
+const DEAD_LETTER_WAIT: RetryPolicy = RetryPolicy {
+    max_attempts: u32::MAX,
+    initial_delay: cronpipe_shared::duration::Dur::millis(500),
+    multiplier: 2.0,
+    max_delay: cronpipe_shared::duration::Dur::secs(30),
+    jitter: 0.0,
+};
 
 /// How a delivery ended, for metrics and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -689,7 +693,7 @@ async fn settle_dead(
         }
         Err(e) => {
             let failures = ctx.dead_letter_failures.fetch_add(1, Ordering::Relaxed) + 1;
-            let wait = dead_letter_backoff(failures);
+            let wait = retry_delay(&DEAD_LETTER_WAIT, failures, 0.0);
             tracing::error!(error = %e, failures_in_a_row = failures, wait_ms = wait.as_millis() as u64, "Could not publish the dead letter; returning the message to the broker after a wait");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
