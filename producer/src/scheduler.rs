@@ -351,11 +351,7 @@ async fn flush_watermarks(ctx: &Ctx<'_>, lease: &Lease, state: &mut State) {
         .zip(&timings)
         .map(|((i, t), timing)| (state.defs[*i].name.as_str(), *t, timing.as_str()))
         .collect();
-    match ctx
-        .store
-        .advance_watermarks_timed(&lease.value, &named)
-        .await
-    {
+    match ctx.store.advance_watermarks(&lease.value, &named).await {
         Ok(true) => state.dirty.clear(),
         Ok(false) => lease.refused("Watermark write"),
         Err(e) => {

@@ -412,29 +412,18 @@ impl Store {
     }
 
     /// The timing each schedule's watermark was written under (see
-    /// [`Store::advance_watermarks_timed`]); schedules without one are absent.
+    /// [`Store::advance_watermarks`]); schedules without one are absent.
     pub async fn watermark_timings(&self) -> StoreResult<HashMap<String, String>> {
         let mut c = self.conn();
         Ok(c.hgetall(self.keys.timings()).await?)
     }
 
-    /// Advances watermarks (never backwards), only if `lease_value` still holds the lease.
+    /// Advances watermarks (never backwards), only if `lease_value` still
+    /// holds the lease, recording with each the schedule's timing
+    /// (`Schedule::timing_key`; empty: left as it is) in the same script, so
+    /// a later leader knows which expression a watermark belongs to.
     /// Returns false, writing nothing, when the lease is not ours.
     pub async fn advance_watermarks(
-        &self,
-        lease_value: &str,
-        marks: &[(&str, DateTime<Utc>)],
-    ) -> StoreResult<bool> {
-        let marks: Vec<(&str, DateTime<Utc>, &str)> =
-            marks.iter().map(|(n, t)| (*n, *t, "")).collect();
-        self.advance_watermarks_timed(lease_value, &marks).await
-    }
-
-    /// As [`Store::advance_watermarks`], recording with each watermark the
-    /// schedule's timing (`Schedule::timing_key`; empty: left as it is), in
-    /// the same script, so a later leader knows which expression a watermark
-    /// belongs to.
-    pub async fn advance_watermarks_timed(
         &self,
         lease_value: &str,
         marks: &[(&str, DateTime<Utc>, &str)],

@@ -237,7 +237,7 @@ async fn with_wait_replicas_lease_and_watermark_writes_count_only_once_a_replica
     assert_eq!(b.get(&store.keys().leader()), Some(v1.clone()));
     assert!(store.lease_renew(&v1, ttl).await.expect("renew"));
     assert!(store
-        .advance_watermarks(&v1, &[("nightly", slot)])
+        .advance_watermarks(&v1, &[("nightly", slot, "")])
         .await
         .expect("watermark"));
 
@@ -267,7 +267,7 @@ async fn with_wait_replicas_lease_and_watermark_writes_count_only_once_a_replica
     );
     not_replicated(
         store
-            .advance_watermarks(&v1, &[("nightly", slot + chrono::Duration::minutes(1))])
+            .advance_watermarks(&v1, &[("nightly", slot + chrono::Duration::minutes(1), "")])
             .await
             .expect_err("watermark counted without a replica"),
     );

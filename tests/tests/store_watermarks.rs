@@ -31,7 +31,7 @@ async fn only_the_lease_holder_moves_or_removes_watermarks() {
     let slot = Utc.timestamp_millis_opt(1_790_000_000_000).unwrap();
     let old = take_lease(&s, "producer-a").await;
     assert!(s
-        .advance_watermarks(&old, &[("nightly", slot), ("hourly", slot)])
+        .advance_watermarks(&old, &[("nightly", slot, ""), ("hourly", slot, "")])
         .await
         .unwrap());
 
@@ -45,7 +45,7 @@ async fn only_the_lease_holder_moves_or_removes_watermarks() {
         .await
         .unwrap());
     assert!(!s
-        .advance_watermarks(&old, &[("hourly", slot + chrono::Duration::hours(1))])
+        .advance_watermarks(&old, &[("hourly", slot + chrono::Duration::hours(1), "")])
         .await
         .unwrap());
     let marks = s.watermarks().await.unwrap();
@@ -105,7 +105,7 @@ async fn a_malformed_watermark_is_ignored_and_replaced() {
     let slot = Utc.timestamp_millis_opt(1_790_000_000_000).unwrap();
     let lease = take_lease(&s, "producer-a").await;
     assert!(s
-        .advance_watermarks(&lease, &[("hourly", slot)])
+        .advance_watermarks(&lease, &[("hourly", slot, "")])
         .await
         .unwrap());
     let mut c = s.connection();
@@ -123,14 +123,21 @@ async fn a_malformed_watermark_is_ignored_and_replaced() {
         .advance_watermarks(
             &lease,
             &[
-                ("nightly", slot),
-                ("hourly", slot + chrono::Duration::hours(1))
+                ("nightly", slot, "cron UTC 0 0 3 * * *"),
+                ("hourly", slot + chrono::Duration::hours(1), "")
             ]
         )
         .await
         .expect("the advance script copes with the bad field"));
     let marks = s.watermarks().await.unwrap();
     assert_eq!(marks.get("nightly"), Some(&slot));
+    // A timing is recorded with its watermark; an empty one leaves none.
+    let timings = s.watermark_timings().await.unwrap();
+    assert_eq!(
+        timings.get("nightly").map(String::as_str),
+        Some("cron UTC 0 0 3 * * *")
+    );
+    assert_eq!(timings.get("hourly"), None);
     assert_eq!(
         marks.get("hourly"),
         Some(&(slot + chrono::Duration::hours(1)))
