@@ -277,14 +277,20 @@ async fn a_retry_copy_not_yet_due_blocks_neither_work_nor_commits() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requeue_republishes_the_message_and_it_comes_back_flagged_redelivered() {
-    let env = TestEnv::kafka_mock("requeue", 1).await;
+/// Publishes one envelope and takes its delivery from a consumer on `broker`.
+async fn one_delivery(
+    env: &TestEnv,
+    broker: &cronpipe_shared::Broker,
+    tag: &str,
+) -> (
+    Envelope,
+    cronpipe_shared::Consumer,
+    cronpipe_shared::Delivery,
+) {
     let e = Envelope::new("t", serde_json::json!(1));
     env.broker.publish(&e).await.expect("publish");
-    let mut consumer = env
-        .broker
-        .consume(4, "requeue-test", Duration::ZERO)
+    let mut consumer = broker
+        .consume(4, tag, Duration::ZERO)
         .await
         .expect("consume");
     let first = tokio::time::timeout(REPORT_WAIT, consumer.next())
@@ -293,57 +299,16 @@ async fn requeue_republishes_the_message_and_it_comes_back_flagged_redelivered()
         .expect("open");
     assert!(!first.redelivered());
     assert_eq!(Envelope::decode(first.body()).expect("envelope").id, e.id);
-    first.requeue().await.expect("requeue");
-    let again = tokio::time::timeout(REPORT_WAIT, consumer.next())
-        .await
-        .expect("the message comes back")
-        .expect("open");
-    assert!(again.redelivered());
-    assert_eq!(Envelope::decode(again.body()).expect("envelope").id, e.id);
-    again.ack().await.expect("ack");
-    env.expect_committed(
-        env.topic(),
-        &[(0, Some(2))],
-        Duration::from_secs(5),
-        "both the original and the copy are committed",
-    )
-    .await;
-    consumer.cancel().await;
-    env.cleanup().await;
+    (e, consumer, first)
 }
 
-/// A hand-back whose re-publish fails (the broker down for longer than
-/// `delivery_timeout`) is sent again once the broker is back: the message
-/// comes back and both offsets are committed, instead of the original
-/// holding the partition's commits until a restart or rebalance.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_requeue_during_a_broker_outage_is_sent_once_the_broker_is_back() {
-    let env = TestEnv::kafka_mock("requeue-outage", 1).await;
-    let e = Envelope::new("t", serde_json::json!(1));
-    env.broker.publish(&e).await.expect("publish");
-    let mut cfg = env.broker_config();
-    cfg.kafka.delivery_timeout = cronpipe_shared::duration::Dur::millis(1000);
-    let broker = cronpipe_shared::Broker::connect(&cfg, "requeue-outage")
-        .await
-        .expect("connect");
-    let mut consumer = broker
-        .consume(4, "requeue-outage-test", Duration::ZERO)
-        .await
-        .expect("consume");
-    let first = tokio::time::timeout(REPORT_WAIT, consumer.next())
-        .await
-        .expect("a delivery")
-        .expect("open");
-    // The outage outlasts the delivery timeout, so the first re-publish
-    // fails; the group session (longer) keeps the partition ours.
-    env.mock().broker_down();
-    let requeue = tokio::spawn(first.requeue());
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    env.mock().broker_up();
-    requeue
-        .await
-        .expect("join")
-        .expect("the copy is sent once the broker is back");
+/// After a requeue of `e`: its copy comes back flagged redelivered, and once
+/// acked the original and the copy are both committed.
+async fn expect_requeued_copy(
+    env: &TestEnv,
+    consumer: &mut cronpipe_shared::Consumer,
+    e: &Envelope,
+) {
     let again = tokio::time::timeout(REPORT_WAIT, consumer.next())
         .await
         .expect("the message comes back")
@@ -355,9 +320,45 @@ async fn a_requeue_during_a_broker_outage_is_sent_once_the_broker_is_back() {
         env.topic(),
         &[(0, Some(2))],
         Duration::from_secs(10),
-        "the original and the copy are committed",
+        "both the original and the copy are committed",
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeue_republishes_the_message_and_it_comes_back_flagged_redelivered() {
+    let env = TestEnv::kafka_mock("requeue", 1).await;
+    let (e, mut consumer, first) = one_delivery(&env, &env.broker, "requeue-test").await;
+    first.requeue().await.expect("requeue");
+    expect_requeued_copy(&env, &mut consumer, &e).await;
+    consumer.cancel().await;
+    env.cleanup().await;
+}
+
+/// A hand-back whose re-publish fails (the broker down for longer than
+/// `delivery_timeout`) is sent again once the broker is back: the message
+/// comes back and both offsets are committed, instead of the original
+/// holding the partition's commits until a restart or rebalance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeue_during_a_broker_outage_is_sent_once_the_broker_is_back() {
+    let env = TestEnv::kafka_mock("requeue-outage", 1).await;
+    let mut cfg = env.broker_config();
+    cfg.kafka.delivery_timeout = cronpipe_shared::duration::Dur::millis(1000);
+    let broker = cronpipe_shared::Broker::connect(&cfg, "requeue-outage")
+        .await
+        .expect("connect");
+    let (e, mut consumer, first) = one_delivery(&env, &broker, "requeue-outage-test").await;
+    // The outage outlasts the delivery timeout, so the first re-publish
+    // fails; the group session (longer) keeps the partition ours.
+    env.mock().broker_down();
+    let requeue = tokio::spawn(first.requeue());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    env.mock().broker_up();
+    requeue
+        .await
+        .expect("join")
+        .expect("the copy is sent once the broker is back");
+    expect_requeued_copy(&env, &mut consumer, &e).await;
     consumer.cancel().await;
     broker.close().await;
     env.cleanup().await;
