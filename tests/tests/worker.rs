@@ -24,7 +24,7 @@ use cronpipe_tests::{broker_test, wait_until, Proc, TestEnv};
 use cronpipe_worker::{Registry, Settled, Task, TaskError};
 use nix::sys::signal::Signal;
 use serde_json::json;
-use worker_support::{attempts, idem_state, process_gone, start, wait_dead_letters};
+use worker_support::{attempts, idem_state, process_gone, settled, start, wait_dead_letters};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -98,10 +98,8 @@ async fn failing_twice_then_succeeding_runs_three_times_with_growing_delays(env:
         .expect("publish");
     let reports = w.until(LONG, |r| count(r, Settled::Success) == 1).await;
     w.shutdown().await;
-    let settled: Vec<(Settled, Option<u32>)> =
-        reports.iter().map(|r| (r.settled, r.attempt)).collect();
     assert_eq!(
-        settled,
+        settled(&reports),
         vec![
             (Settled::Retry, Some(1)),
             (Settled::Retry, Some(2)),
@@ -168,10 +166,8 @@ async fn a_retry_whose_attempt_count_expired_still_stops_at_max_attempts(env: Te
         })
         .await;
     w.shutdown().await;
-    let settled: Vec<(Settled, Option<u32>)> =
-        reports.iter().map(|r| (r.settled, r.attempt)).collect();
     assert_eq!(
-        settled,
+        settled(&reports),
         vec![(Settled::Retry, Some(1)), (Settled::DeadLetter, Some(2))]
     );
     let dead = wait_dead_letters(&env, 1, LONG).await;
@@ -661,10 +657,8 @@ retry = {{ max_attempts = 2, initial_delay = "100ms" }}
     let reports = w.until(LONG, |r| count(r, Settled::DeadLetter) == 1).await;
     let elapsed = t0.elapsed();
     w.shutdown().await;
-    let settled: Vec<(Settled, Option<u32>)> =
-        reports.iter().map(|r| (r.settled, r.attempt)).collect();
     assert_eq!(
-        settled,
+        settled(&reports),
         vec![(Settled::Retry, Some(1)), (Settled::DeadLetter, Some(2))]
     );
     assert!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use cronpipe_shared::deadletter::DeadLetter;
 use cronpipe_shared::Config;
 use cronpipe_tests::TestEnv;
-use cronpipe_worker::Registry;
+use cronpipe_worker::{Registry, Report, Settled};
 
 /// A worker running in this process (see [`TestEnv::spawn_worker`]).
 pub use cronpipe_tests::RunningWorker as InProc;
@@ -65,4 +65,9 @@ pub fn process_gone(pid: i32) -> bool {
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .is_some_and(|state| state == "Z" || state == "X"),
     }
+}
+
+/// How each report settled, with its attempt, in order.
+pub fn settled(reports: &[Report]) -> Vec<(Settled, Option<u32>)> {
+    reports.iter().map(|r| (r.settled, r.attempt)).collect()
 }
